@@ -1,0 +1,14 @@
+"""taskhead: fine-tune pretrained Hugging Face transformers with PyTorch Lightning, with the head, loss, schedule
+and metrics under your control from YAML."""
+
+__version__ = "0.1.0"
+
+
+def load(path, device="cpu"):
+    """Load a directory written by ``taskhead export``; returns a callable predictor on raw inputs."""
+    from taskhead.core.export import load as _load
+
+    return _load(path, device)
+
+
+__all__ = ["__version__", "load"]

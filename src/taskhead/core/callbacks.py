@@ -1,0 +1,161 @@
+"""Run artifacts every task gets: throughput logging, the run manifest, metrics.json, predictions.jsonl.
+
+Files land in the run directory (``trainer.log_dir``: TensorBoard events, config.yaml and checkpoints beside them) and
+are written atomically: a temp file renamed into place, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+PACKAGES = ("taskhead", "torch", "lightning", "transformers", "datasets", "tokenizers", "torchmetrics", "jsonargparse")
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit(cwd: str | Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+class RunManifest(SaveConfigCallback):
+    """LightningCLI's config saver, extended: config.yaml plus manifest.json (versions, data hashes, seed, git)."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        files = dm.data_files() if hasattr(dm, "data_files") else {}
+        versions = {}
+        for pkg in PACKAGES:
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+        manifest = {
+            "stage": stage,
+            "command": sys.argv,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "packages": versions,
+            "seed": self.config.get("seed_everything"),
+            "data_files": {s: {"path": str(p), "sha256": sha256_file(p)} for s, p in files.items()},
+            "git_commit": {"cwd": git_commit(Path.cwd()), "taskhead": git_commit(Path(__file__).parent)},
+            "config": self.parser.dump(self.config, skip_none=False),
+        }
+        write_json(run_dir(trainer) / "manifest.json", manifest)
+
+
+class Throughput(Callback):
+    """Logs samples/s, real (non-pad) tokens/s and the share of padding, from counts the collate made on CPU.
+
+    No host sync: the counts are Python ints computed in the data loader, and time is wall-clock between logs.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.samples = self.tokens = self.padded = 0
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = batch["stats"]
+        self.samples += stats["samples"]
+        self.tokens += stats["tokens"]
+        self.padded += stats["padded"]
+        if (batch_idx + 1) % trainer.log_every_n_steps == 0:
+            dt = time.perf_counter() - self.t0
+            pl_module.log_dict(
+                {
+                    "perf/samples_per_s": self.samples / dt,
+                    "perf/tokens_per_s": self.tokens / dt,
+                    "perf/padding_share": 1.0 - self.tokens / max(self.padded, 1),
+                },
+                on_step=True,
+                on_epoch=False,
+            )
+            self._reset()
+
+
+class RunArtifacts(BasePredictionWriter):
+    """After ``test``: metrics.json (+ task artifacts). After ``predict``: predictions.jsonl in input order.
+
+    Args:
+        predictions_file: Where ``predict`` writes its JSONL (default: ``<run dir>/predictions.jsonl``).
+    """
+
+    def __init__(self, predictions_file: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.predictions_file = predictions_file
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        out = run_dir(trainer)
+        write_json(out / "metrics.json", metrics)
+        for name, obj in getattr(pl_module, "test_artifacts", {}).items():
+            write_json(out / name, obj)
+        rank_zero_info(f"[test] metrics written to {out / 'metrics.json'}")
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        rows = [row for batch in predictions for row in batch]
+        if trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if not trainer.is_global_zero:
+            return
+        rows.sort(key=lambda r: r["idx"])
+        path = Path(self.predictions_file) if self.predictions_file else run_dir(trainer) / "predictions.jsonl"
+        text = "".join(json.dumps({k: v for k, v in r.items() if k != "idx"}, ensure_ascii=False) + "\n" for r in rows)
+        write_atomic(path, text)
+        rank_zero_info(f"[predict] {len(rows):,} predictions written to {path}")

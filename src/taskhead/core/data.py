@@ -1,0 +1,284 @@
+"""TaskDataModule: load splits (Hub or local files), tokenise once into an on-disk cache, serve padded batches.
+
+A task subclasses it and fills in four things, in the order data flows through them:
+
+1. ``parse_record(rec, where, split)``: validate one raw record and return the fields the task keeps
+   (errors name ``where``, the file and line).
+2. ``encode(batch)``: tokenise a batch of parsed records (``datasets.map``, batched). Must return ``length``
+   (tokens kept) and ``full_length`` (tokens before truncation) per example, for batching and the data report.
+3. ``collate(features)``: pad one batch dynamically; returns ``{"inputs": {...}, ...}``.
+4. ``report_extra(split, ds)``: task lines for the data report (label balance, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from taskhead import __version__
+from taskhead.core.pretrained import load_tokenizer
+from taskhead.core.readers import read_records
+from taskhead.core.sampling import LengthGroupedBatchSampler, SortedBatchSampler
+from taskhead.errors import TaskheadError
+
+SPLITS = ("train", "validation", "test", "predict")
+# Options that change how batches are drawn, not what the tokenised data is: left out of the cache key.
+LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir"}
+
+
+class TaskDataModule(L.LightningDataModule):
+    stratify_column: str | None = None  # set by tasks whose held-out validation split should be stratified
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        val_split: float = 0.1,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        max_length: int = 256,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 42,
+        cache_dir: str = ".cache/taskhead",
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: Tokenizer source; linked from ``model.model_name_or_path`` by the CLI.
+            dataset_name: Hugging Face Hub dataset id (e.g. ``stanfordnlp/imdb``). Local files, when given, win.
+            dataset_config: Hub dataset configuration name.
+            train_file: Local training file (JSONL, JSON, CSV or TSV; ``.gz`` allowed).
+            validation_file: Local validation file. Without one, ``val_split`` of train is held out.
+            test_file: Local test file.
+            predict_file: Local file to predict on (labels not needed).
+            val_split: Fraction of train held out for validation when no validation split exists (seeded).
+            max_train_samples: Use a seeded random subset of this many training examples.
+            max_eval_samples: Use a seeded random subset of this many validation and test examples.
+            max_length: Truncate inputs to this many tokens (special tokens included).
+            batch_size: Training batch size per device.
+            eval_batch_size: Validation/test/predict batch size per device (default: ``2 * batch_size``).
+            group_by_length: Draw training batches of similar length (less padding); off means plain shuffling.
+            num_workers: DataLoader worker processes.
+            seed: Seed for the validation hold-out, subsets and batch order.
+            cache_dir: Where tokenised splits are cached (keyed by content, tokenizer and options).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 < val_split < 1.0:
+            raise TaskheadError(f"--data.val_split must be in (0, 1), got {val_split}")
+        self._tokenizer = None
+        self.datasets: dict[str, Any] = {}
+        self._reported: set[str] = set()
+
+    # ---- task hooks -------------------------------------------------------------------------------------------------
+    def parse_record(self, rec: dict, where: str, split: str) -> dict:
+        raise NotImplementedError
+
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        raise NotImplementedError
+
+    def collate(self, features: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def report_extra(self, split: str, ds) -> list[str]:
+        return []
+
+    def check_splits(self, raw: dict[str, list[dict]]) -> None:
+        """Cross-split checks (e.g. a label in test that train never saw). Raise TaskheadError."""
+
+    # ---- loading ------------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if not self.hparams.model_name_or_path:
+                raise TaskheadError("data.model_name_or_path is not set (the CLI links it from model.model_name_or_path)")
+            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+        return self._tokenizer
+
+    def data_files(self) -> dict[str, str]:
+        return {s: self.hparams[f"{s}_file"] for s in SPLITS if self.hparams[f"{s}_file"]}
+
+    @cached_property
+    def raw(self) -> dict[str, list[dict]]:
+        """Parsed, validated records of every available split (loaded once, on first use)."""
+        files = self.data_files()
+        raw: dict[str, list[dict]] = {}
+        if self.hparams.dataset_name:
+            raw.update(self._load_hub())
+        for split, path in files.items():
+            raw[split] = [self.parse_record(rec, where, split) for where, rec in read_records(path)]
+            if not raw[split]:
+                raise TaskheadError(f"{path}: no records (empty file)")
+        if not raw:
+            raise TaskheadError("no data: set --data.dataset_name or at least one of --data.{train,validation,test,predict}_file")
+        self.check_splits(raw)
+        return raw
+
+    def _load_hub(self) -> dict[str, list[dict]]:
+        import datasets
+
+        name, config = self.hparams.dataset_name, self.hparams.dataset_config
+        try:
+            dd = datasets.load_dataset(name, config)
+        except Exception as e:  # the Hub client raises many types; the user needs the first line only
+            raise TaskheadError(f"could not load dataset '{name}' ({config}): {str(e).splitlines()[0]}") from None
+        out = {}
+        for split in ("train", "validation", "test"):
+            if split not in dd:
+                continue
+            ds = dd[split]
+            class_labels = {c: f for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
+            self.hub_class_names = {c: f.names for c, f in class_labels.items()}
+            recs = []
+            for i, rec in enumerate(ds):
+                for c, f in class_labels.items():  # ints → names, so local and Hub labels are handled alike
+                    rec[c] = f.int2str(rec[c]) if rec[c] >= 0 else None
+                if split == "test" and any(rec[c] is None for c in class_labels):
+                    continue  # Hub test splits without gold labels (label -1)
+                recs.append(self.parse_record(rec, f"{name}[{split}] row {i}", split))
+            out[split] = recs
+        return out
+
+    # ---- setup: split, subset, tokenise (cached) ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        import datasets
+
+        limit = self.tokenizer.model_max_length
+        if limit < 1_000_000 and self.hparams.max_length > limit:  # tokenizers without a limit report ~1e30
+            raise TaskheadError(f"--data.max_length {self.hparams.max_length} exceeds the model's limit of {limit} tokens")
+        wanted = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": ["predict"]}[stage]
+        raw = dict(self.raw)
+        if "validation" in wanted and "validation" not in raw:
+            if "train" not in raw:
+                raise TaskheadError("validation needs --data.validation_file or a train split to hold out from")
+            raw["train"], raw["validation"] = self._hold_out(raw["train"])
+        for split in wanted:
+            if split not in raw:
+                raise TaskheadError(f"stage '{stage}' needs a {split} split: set --data.{split}_file (or a Hub dataset that has one)")
+            records = raw[split]
+            limit = self.hparams.max_train_samples if split == "train" else self.hparams.max_eval_samples
+            if limit is not None and limit < len(records):
+                keep = np.random.default_rng(self.hparams.seed).permutation(len(records))[:limit]
+                records = [records[i] for i in sorted(keep)]
+            # "where" (file:line) serves error messages only: it stays out of the dataset and the cache key
+            rows = [{**{k: v for k, v in r.items() if k != "where"}, "idx": i} for i, r in enumerate(records)]
+            self.datasets[split] = self._encode_cached(split, rows)
+            self._report(split)
+
+    def _hold_out(self, train: list[dict]) -> tuple[list[dict], list[dict]]:
+        import datasets
+
+        idx = datasets.Dataset.from_dict({"i": list(range(len(train)))})
+        col = self.stratify_column
+        if col:
+            idx = idx.add_column(col, [r[col] for r in train])
+            idx = idx.cast_column(col, datasets.ClassLabel(num_classes=max(idx[col]) + 1))
+        parts = idx.train_test_split(test_size=self.hparams.val_split, seed=self.hparams.seed, stratify_by_column=col)
+        tr, va = sorted(parts["train"]["i"]), sorted(parts["test"]["i"])
+        how = f", stratified by {col}" if col else ""
+        rank_zero_info(
+            f"No validation split given: held out {len(va):,} of {len(train):,} training examples "
+            f"({self.hparams.val_split:.0%}{how}, seed {self.hparams.seed})."
+        )
+        return [train[i] for i in tr], [train[i] for i in va]
+
+    def _encode_cached(self, split: str, rows: list[dict]):
+        import datasets
+
+        tok = self.tokenizer
+        options = {k: v for k, v in self.hparams.items() if k not in LOADER_OPTIONS and not k.endswith("_file")}
+        key = hashlib.sha256()
+        key.update(json.dumps([type(self).__qualname__, __version__, tok.name_or_path, len(tok), type(tok).__name__,
+                               options], sort_keys=True, default=str).encode())
+        for r in rows:
+            key.update(json.dumps(r, sort_keys=True, default=str).encode())
+        cache = Path(self.hparams.cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        return datasets.Dataset.from_list(rows).map(
+            self.encode,
+            batched=True,
+            cache_file_name=str(cache / f"{split}-{key.hexdigest()[:20]}.arrow"),
+            load_from_cache_file=True,
+            desc=f"Tokenising {split}",
+        )
+
+    def _report(self, split: str) -> None:
+        if split in self._reported:
+            return
+        self._reported.add(split)
+        ds = self.datasets[split]
+        full = np.asarray(ds["full_length"])
+        p50, p90, p99 = np.percentile(full, [50, 90, 99]).astype(int)
+        trunc = float((full > self.hparams.max_length).mean())
+        lines = [
+            f"[data] {split}: {len(ds):,} examples; tokens p50 {p50} / p90 {p90} / p99 {p99} / max {full.max()}; "
+            f"{trunc:.1%} truncated at max_length {self.hparams.max_length}"
+        ]
+        lines += [f"[data] {split}: {line}" for line in self.report_extra(split, ds)]
+        rank_zero_info("\n".join(lines))
+
+    # ---- loaders ------------------------------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, split: str, batch_sampler) -> DataLoader:
+        import torch
+
+        return DataLoader(
+            self.datasets[split],
+            batch_sampler=batch_sampler,
+            collate_fn=self.collate,
+            num_workers=self.hparams.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.datasets["train"]
+        world, rank = self._world()
+        if self.hparams.group_by_length:
+            sampler = LengthGroupedBatchSampler(ds["length"], self.hparams.batch_size, self.hparams.seed, num_replicas=world, rank=rank)
+        else:  # plain shuffling: a mega-batch of one batch sorts nothing across batches
+            sampler = LengthGroupedBatchSampler(
+                np.zeros(len(ds), dtype=np.int64), self.hparams.batch_size, self.hparams.seed, num_replicas=world, rank=rank
+            )
+        return self._loader("train", sampler)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        world, rank = self._world()
+        bs = self.hparams.eval_batch_size or 2 * self.hparams.batch_size
+        return self._loader(split, SortedBatchSampler(self.datasets[split]["length"], bs, num_replicas=world, rank=rank))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")
+
+    # ---- shared collate helper ----------------------------------------------------------------------------------------
+    def pad_inputs(self, features: list[dict]) -> dict:
+        """Pad the tokenizer's model inputs to the longest in the batch; count real and padded tokens (on CPU)."""
+        names = [n for n in self.tokenizer.model_input_names if n in features[0]]
+        inputs = self.tokenizer.pad({n: [f[n] for f in features] for n in names}, return_tensors="pt")
+        mask = inputs["attention_mask"]
+        stats = {"samples": len(features), "tokens": int(mask.sum()), "padded": mask.numel()}
+        return {"inputs": dict(inputs), "stats": stats}

@@ -1,0 +1,116 @@
+"""TaskModule: the training-loop plumbing every task shares.
+
+A task subclass builds ``self.model`` (a Hugging Face model; its ``base_model`` is the backbone) and any head
+modules beside it, then implements ``forward``, ``training_loss`` and its own evaluation steps. This class owns:
+the optimiser and per-step schedule, freezing the backbone for the first steps, loss/LR logging, the checkpoint
+format, and export to a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from taskhead.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, param_groups
+
+EXPORT_CONFIG = "taskhead.json"
+HEAD_WEIGHTS = "head.safetensors"
+
+
+def as_config(cls, value):
+    """Accept a dataclass instance or a plain dict (hyper-parameters saved in checkpoints are plain dicts)."""
+    if value is None or isinstance(value, cls):
+        return value
+    return cls(**value)
+
+
+def plain(value):
+    """Dataclasses → dicts, recursively, so checkpoints and exports hold only plain Python values."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+class TaskModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_name_or_path = model_name_or_path
+        self.optim_cfg = as_config(OptimizerConfig, optimizer) or OptimizerConfig()
+        self.sched_cfg = as_config(SchedulerConfig, scheduler) or SchedulerConfig()
+        self._frozen: bool | None = None
+
+    def save_task_hparams(self, **task_args: Any) -> None:
+        """Record every init argument as plain values: checkpoints load with ``weights_only=True`` and export reuses them."""
+        self.save_hyperparameters(
+            {
+                # LightningCLI rebuilds the model from a checkpoint's hparams (test/predict --ckpt_path); export too
+                "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                "model_name_or_path": self.model_name_or_path,
+                "optimizer": plain(self.optim_cfg),
+                "scheduler": plain(self.sched_cfg),
+                **{k: plain(v) for k, v in task_args.items()},
+            }
+        )
+
+    # ---- what subclasses provide --------------------------------------------------------------------------------------
+    model: torch.nn.Module  # the Hugging Face model; ``self.model.base_model`` is the backbone
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- training -----------------------------------------------------------------------------------------------------
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.model.base_model
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        frozen = self.global_step < self.optim_cfg.freeze_backbone_steps
+        if frozen != self._frozen:  # flip requires_grad only when the phase changes
+            self.backbone.requires_grad_(not frozen)
+            self._frozen = frozen
+            if self.global_step > 0 or frozen:
+                self.print(f"[optim] step {self.global_step}: backbone {'frozen' if frozen else 'unfrozen'}")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["stats"]["samples"])
+        return loss
+
+    def configure_optimizers(self):
+        num_layers = getattr(self.model.config, "num_hidden_layers", None) or 0
+        # Every parameter starts trainable here, so the groups are fixed for the run even if the backbone starts frozen.
+        self.backbone.requires_grad_(True)
+        groups = param_groups(self, self.backbone, num_layers, self.optim_cfg)
+        optimizer = build_optimizer(groups, self.optim_cfg)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, self.sched_cfg, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+    # ---- export -------------------------------------------------------------------------------------------------------
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable weights outside ``self.model`` (a custom head); empty when the backbone's own head is used."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    def export(self, out_dir: str | Path, tokenizer) -> Path:
+        """Write a Hugging Face directory: model + tokenizer (+ ``head.safetensors``) + ``taskhead.json``."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        head = self.head_state_dict()
+        if head:
+            save_file(head, out / HEAD_WEIGHTS)
+        hparams = {k: v for k, v in self.hparams.items() if k not in ("model_name_or_path", "_class_path")}
+        spec = {"task": self.hparams["_class_path"], "hparams": hparams, "source": self.model_name_or_path}
+        (out / EXPORT_CONFIG).write_text(json.dumps(spec, indent=2, default=str))
+        return out

@@ -1,0 +1,56 @@
+"""Where pretrained models come from: the Hub, a local directory, or a directory inside an installed package.
+
+``pkg:NAME/sub/dir`` names a directory inside the installed Python package ``NAME`` without importing it, so a config
+that uses a packaged model resolves on any machine where the package is installed (never an absolute path).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from taskhead.errors import TaskheadError
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn ``pkg:...`` into a directory path; check that something that looks like a local path exists."""
+    if not name_or_path:
+        raise TaskheadError("model_name_or_path is empty: set --model.model_name_or_path to a Hub id or a directory")
+    if name_or_path.startswith("pkg:"):
+        package, _, sub = name_or_path[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise TaskheadError(f"model '{name_or_path}': Python package '{package}' is not installed")
+        path = Path(next(iter(spec.submodule_search_locations))) / sub
+        if not path.exists():
+            raise TaskheadError(f"model '{name_or_path}': {path} does not exist inside package '{package}'")
+        return str(path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists() or name_or_path.count("/") > 1
+    if looks_local:
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise TaskheadError(f"model directory '{name_or_path}' does not exist")
+        return str(path)
+    return name_or_path  # a Hub id: transformers downloads (or reads its cache)
+
+
+def load_pretrained(loader, name_or_path: str, **kwargs):
+    """``loader.from_pretrained(resolved path, **kwargs)`` with a one-line error when the model cannot be loaded."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TaskheadError(f"could not load '{name_or_path}' with {loader.__name__}: {first}") from None
+
+
+def load_model(auto_class, name_or_path: str, **kwargs):
+    """A pretrained model in training mode, like any fresh ``nn.Module`` (``from_pretrained`` returns eval mode,
+    which would silently switch dropout off for the whole fit)."""
+    return load_pretrained(auto_class, name_or_path, **kwargs).train()
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return load_pretrained(AutoTokenizer, name_or_path)

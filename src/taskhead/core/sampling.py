@@ -1,0 +1,81 @@
+"""Batch samplers that cut padding: length-grouped for training, length-sorted for evaluation.
+
+Both shard batches across data-parallel ranks themselves (the trainer runs with ``use_distributed_sampler=False``),
+so the same code serves one CPU and many GPUs. Neither pads a split with repeated samples: evaluation under DDP sees
+every example exactly once, which keeps metrics identical to a single-process run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def _chunks(seq: Sequence[int], size: int) -> list[list[int]]:
+    return [list(seq[i : i + size]) for i in range(0, len(seq), size)]
+
+
+class LengthGroupedBatchSampler:
+    """Shuffled mega-batches, each sorted by length, cut into batches whose order is shuffled again.
+
+    Seeded by ``seed + epoch`` (call :meth:`set_epoch`), so every rank draws the same permutation and takes its own
+    slice. With ``num_replicas > 1`` the batch list is cut to a multiple of ``num_replicas`` (the last, partial round
+    is dropped) so that every rank runs the same number of optimiser steps.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        mega_batch_mult: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mega_batch_mult = mega_batch_mult
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g)
+        batches: list[list[int]] = []
+        for mega in perm.split(self.batch_size * self.mega_batch_mult):
+            order = torch.argsort(self.lengths[mega], descending=True, stable=True)
+            batches.extend(_chunks(mega[order].tolist(), self.batch_size))
+        shuffled = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in shuffled]
+        if self.num_replicas > 1:
+            batches = batches[: len(batches) - len(batches) % self.num_replicas]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._all_batches()[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size) // self.num_replicas
+
+
+class SortedBatchSampler:
+    """Batches of examples sorted longest first; each rank takes every ``num_replicas``-th batch, none repeated.
+
+    Callers that need input order back (prediction) carry the example index through the batch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        order = torch.argsort(torch.as_tensor(lengths), descending=True, stable=True).tolist()
+        self.batches = _chunks(order, batch_size)[rank::num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches
+
+    def __len__(self) -> int:
+        return len(self.batches)

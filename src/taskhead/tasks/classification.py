@@ -1,0 +1,309 @@
+"""Text classification (IMDB sentiment and any single- or pair-text label set).
+
+In order: preprocessing (ClassificationDataModule), post-processing (probabilities → labels), the metric
+(torchmetrics, accumulated over the split), and the LightningModule.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from taskhead.core.data import TaskDataModule
+from taskhead.core.export import batched_inference
+from taskhead.core.heads import HeadConfig, build_head, pool
+from taskhead.core.losses import LossConfig, build_loss
+from taskhead.core.module import TaskModule, as_config
+from taskhead.core.optim import OptimizerConfig, SchedulerConfig
+from taskhead.core.pretrained import load_model
+from taskhead.core.readers import get_field, get_text
+from taskhead.errors import TaskheadError
+
+# ---- preprocessing --------------------------------------------------------------------------------------------------
+
+
+def label_names_from(values: list) -> list[str]:
+    """Sorted label set: integers (or digit strings) numerically, other strings alphabetically."""
+    names = {str(v) for v in values}
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+class ClassificationDataModule(TaskDataModule):
+    stratify_column = "label"
+
+    def __init__(
+        self,
+        text_field: str = "text",
+        text_pair_field: str | None = None,
+        label_field: str = "label",
+        label_names: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Plus every option of ``TaskDataModule`` (files, batch size, max_length, ...).
+
+        Args:
+            text_field: Field (JSON key / CSV column) holding the text.
+            text_pair_field: Optional second text (sentence-pair tasks such as NLI).
+            label_field: Field holding the label: an integer id or a string name.
+            label_names: The label set in id order. Default: from the Hub's ClassLabel, else sorted training labels.
+                When given, integer labels are indices into it.
+        """
+        super().__init__(**kwargs)
+        self.text_field, self.text_pair_field, self.label_field = text_field, text_pair_field, label_field
+        self.given_label_names = label_names
+        # label ids are part of the cached rows already; the model logs the final label_names
+        self.save_hyperparameters(ignore=["label_names"])
+
+    def parse_record(self, rec: dict, where: str, split: str) -> dict:
+        out = {"text": get_text(rec, self.text_field, where), "where": where}
+        if self.text_pair_field:
+            out["text_pair"] = get_text(rec, self.text_pair_field, where)
+        if split != "predict":
+            label = get_field(rec, self.label_field, where)
+            if isinstance(label, bool) or not isinstance(label, (int, str)) or (isinstance(label, str) and not label.strip()):
+                raise TaskheadError(f"{where}: field '{self.label_field}' must be an integer or a non-empty string, got {label!r}")
+            out["label"] = label
+        return out
+
+    @property
+    def label_names(self) -> list[str]:
+        """Label names in id order (linked to ``model.label_names`` by the CLI); loading the splits fixes them."""
+        _ = self.raw  # parsing the splits fixes the label set
+        return self._label_names
+
+    @property
+    def label_counts(self) -> list[int] | None:
+        """Training examples per label id (linked to ``model.label_counts``, used by ``class_weights: balanced``)."""
+        if "train" not in self.raw:
+            return None
+        counts = Counter(r["label"] for r in self.raw["train"])
+        return [counts.get(i, 0) for i in range(len(self.label_names))]
+
+    def check_splits(self, raw: dict[str, list[dict]]) -> None:
+        """Fix the label set (given, Hub ClassLabel, or sorted training labels) and map every label to its id."""
+        hub = getattr(self, "hub_class_names", {}).get(self.label_field)
+        if self.given_label_names or hub:
+            names = list(self.given_label_names or hub)
+        else:
+            source = raw.get("train") or next(iter(raw.values()))
+            names = label_names_from([r["label"] for r in source if "label" in r])
+        index = {n: i for i, n in enumerate(names)}
+        use_position = bool(self.given_label_names)
+        for split, records in raw.items():
+            for r in records:
+                if "label" not in r:
+                    continue
+                value = r["label"]
+                if use_position and isinstance(value, int):
+                    if not 0 <= value < len(names):
+                        raise TaskheadError(f"{r['where']}: label id {value} is outside the {len(names)} label_names {names}")
+                elif str(value) in index:
+                    r["label"] = index[str(value)]
+                else:
+                    known = "label_names" if self.given_label_names else "the training labels"
+                    raise TaskheadError(f"{r['where']}: label {value!r} is not one of {known} {names}")
+        self._label_names = names
+
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        pair = batch.get("text_pair")
+        enc = self.tokenizer(batch["text"], pair, truncation=True, max_length=self.hparams.max_length)
+        full = self.tokenizer(batch["text"], pair, truncation=False, return_attention_mask=False, verbose=False)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        enc["full_length"] = [len(ids) for ids in full["input_ids"]]
+        return enc
+
+    def collate(self, features: list[dict]) -> dict:
+        batch = self.pad_inputs(features)
+        batch["idx"] = torch.tensor([f["idx"] for f in features])
+        batch["text"] = [f["text"] for f in features]
+        if "label" in features[0]:
+            batch["labels"] = torch.tensor([f["label"] for f in features])
+        return batch
+
+    def report_extra(self, split: str, ds) -> list[str]:
+        if "label" not in ds.column_names:
+            return []
+        counts = Counter(ds["label"])
+        parts = [f"{name} {counts.get(i, 0) / len(ds):.1%} ({counts.get(i, 0):,})" for i, name in enumerate(self.label_names)]
+        return ["labels: " + " / ".join(parts)]
+
+
+# ---- post-processing ------------------------------------------------------------------------------------------------
+
+
+def to_predictions(probs: torch.Tensor, label_names: list[str]) -> list[dict]:
+    """(batch, num_labels) probabilities → ``[{"label", "score", "probabilities": {name: p}}]``."""
+    out = []
+    for row in probs.float().cpu().tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append({"label": label_names[best], "score": row[best], "probabilities": dict(zip(label_names, row))})
+    return out
+
+
+# ---- metric ---------------------------------------------------------------------------------------------------------
+
+
+def build_metrics(num_labels: int) -> MetricCollection:
+    """Accuracy and macro-F1, plus per-class P/R/F1; states sum over batches (and ranks) before compute."""
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_labels, average="micro"),
+            "f1_macro": MulticlassF1Score(num_labels, average="macro"),
+            "precision": MulticlassPrecision(num_labels, average=None),
+            "recall": MulticlassRecall(num_labels, average=None),
+            "f1": MulticlassF1Score(num_labels, average=None),
+        }
+    )
+
+
+def flatten_metrics(stage: str, values: dict[str, torch.Tensor], label_names: list[str]) -> dict[str, float]:
+    """Scalars as ``stage/name``; per-class vectors as ``stage/name/<label>``."""
+    flat = {}
+    for name, v in values.items():
+        if v.ndim == 0:
+            flat[f"{stage}/{name}"] = float(v)
+        else:
+            flat.update({f"{stage}/{name}/{label}": float(x) for label, x in zip(label_names, v)})
+    return flat
+
+
+# ---- model ----------------------------------------------------------------------------------------------------------
+
+
+class ClassificationModule(TaskModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        label_names: list[str] | None = None,
+        label_counts: list[int] | None = None,
+        head: HeadConfig | None = None,
+        loss: LossConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        max_length: int = 512,
+        num_mistakes: int = 20,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: Hub id, local directory, or ``pkg:PACKAGE/dir`` of the pretrained backbone.
+            label_names: Label names in id order (linked from the data by the CLI).
+            label_counts: Training examples per label (linked from the data; for ``class_weights: balanced``).
+            head: A custom head; ``null`` keeps the backbone's own classification head (pipeline-compatible export).
+            loss: Loss function and its options.
+            optimizer: AdamW, learning rates, layer-wise decay, freezing.
+            scheduler: Per-step LR schedule with warmup.
+            max_length: Truncation length for raw-text prediction (linked from ``data.max_length``).
+            num_mistakes: How many of the most confident test mistakes ``test`` writes out.
+        """
+        super().__init__(model_name_or_path, optimizer, scheduler)
+        if not label_names:
+            raise TaskheadError("model.label_names is empty: give labels in the data or --model.label_names")
+        self.label_names = list(label_names)
+        self.head_cfg = as_config(HeadConfig, head)
+        self.loss_cfg = as_config(LossConfig, loss) or LossConfig()
+        self.max_length, self.num_mistakes = max_length, num_mistakes
+        self.save_task_hparams(label_names=self.label_names, label_counts=label_counts, head=self.head_cfg,
+                               loss=self.loss_cfg, max_length=max_length, num_mistakes=num_mistakes)
+        n = len(self.label_names)
+        if self.head_cfg is None:  # the backbone's own head, e.g. BERT's pooler + classifier
+            from transformers import AutoModelForSequenceClassification
+
+            self.model = load_model(
+                AutoModelForSequenceClassification, model_name_or_path, num_labels=n,
+                id2label=dict(enumerate(self.label_names)), label2id={k: i for i, k in enumerate(self.label_names)},
+            )
+            self.head = None
+        else:
+            from transformers import AutoModel
+
+            self.model = load_model(AutoModel, model_name_or_path)
+            self.head = build_head(self.head_cfg, self.model.config.hidden_size, n)
+        self.loss_fn, weight = build_loss(self.loss_cfg, label_counts, n)
+        self.register_buffer("class_weight", weight, persistent=False)
+        self.val_metrics = build_metrics(n)
+        self.test_metrics = build_metrics(n)
+        self.confusion = MulticlassConfusionMatrix(n)
+        self.mistakes: list[tuple] = []
+        self.test_artifacts: dict = {}
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.head is None:
+            return self.model(**inputs).logits  # (batch, num_labels)
+        hidden = self.model(**inputs).last_hidden_state  # (batch, seq, hidden)
+        return self.head(pool(hidden, inputs["attention_mask"], self.head_cfg.pooling))  # (batch, num_labels)
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        return self.loss_fn(self(batch["inputs"]), batch["labels"], self.class_weight)
+
+    def _eval_step(self, batch: dict, stage: str, metrics: MetricCollection) -> torch.Tensor:
+        logits = self(batch["inputs"]).float()
+        loss = self.loss_fn(logits, batch["labels"], self.class_weight)
+        self.log(f"{stage}/loss", loss, batch_size=batch["stats"]["samples"], sync_dist=True)
+        metrics.update(logits, batch["labels"])
+        return logits
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(flatten_metrics("val", self.val_metrics.compute(), self.label_names), prog_bar=False)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self._eval_step(batch, "test", self.test_metrics)
+        probs = logits.softmax(-1)
+        conf, pred = probs.max(-1)
+        self.confusion.update(pred, batch["labels"])
+        wrong = (pred != batch["labels"]).nonzero().flatten().tolist()
+        for i in wrong:  # a bounded heap: only the most confident mistakes are kept
+            item = (float(conf[i]), int(batch["idx"][i]), batch["text"][i], int(batch["labels"][i]), int(pred[i]))
+            heapq.heappush(self.mistakes, item)
+            if len(self.mistakes) > self.num_mistakes:
+                heapq.heappop(self.mistakes)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(flatten_metrics("test", self.test_metrics.compute(), self.label_names))
+        self.test_metrics.reset()
+        mistakes = self.mistakes
+        if self.trainer.world_size > 1:
+            parts: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, mistakes)
+            mistakes = [m for part in parts for m in part]
+        mistakes = heapq.nlargest(self.num_mistakes, mistakes)
+        self.test_artifacts = {
+            "confusion_matrix.json": {"labels": self.label_names, "rows_gold_cols_pred": self.confusion.compute().tolist()},
+            "test_mistakes.json": [
+                {"index": idx, "text": text, "gold": self.label_names[g], "pred": self.label_names[p], "confidence": c}
+                for c, idx, text, g, p in mistakes
+            ],
+        }
+        self.confusion.reset()
+        self.mistakes = []
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        preds = to_predictions(self(batch["inputs"]).float().softmax(-1), self.label_names)
+        return [{"idx": int(i), **p} for i, p in zip(batch["idx"], preds)]
+
+    def predict_raw(self, tokenizer, texts: str | list[str], batch_size: int = 64) -> dict | list[dict]:
+        """Raw text(s) → ``{"label", "score", "probabilities"}`` per text (a single dict for a single string)."""
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        enc = [tokenizer(t, truncation=True, max_length=self.max_length) for t in texts]
+
+        def run(inputs, _idx):
+            return to_predictions(self(inputs).float().softmax(-1), self.label_names)
+
+        out = batched_inference(enc, tokenizer, batch_size, run, self.device)
+        return out[0] if single else out

