@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,16 @@ class TaskDataModule(L.LightningDataModule):
     def check_splits(self, raw: dict[str, list[dict]]) -> None:
         """Cross-split checks (e.g. a label in test that train never saw). Raise TaskheadError."""
 
+    def read_file(self, path: str) -> Iterator[tuple[str, dict]]:
+        """Yield ``(where, record)`` from a local file. Override for formats that are not JSONL/JSON/CSV/TSV
+        (CoNLL columns, SQuAD JSON, parallel text files)."""
+        return read_records(path)
+
+    # Data facts the CLI links into the model (``model.label_names``, ``model.label_counts``); None when the task
+    # has no label set. Tasks with labels override them as properties.
+    label_names: list[str] | None = None
+    label_counts: list[int] | None = None
+
     # ---- loading ------------------------------------------------------------------------------------------------------
     @property
     def tokenizer(self):
@@ -121,7 +132,7 @@ class TaskDataModule(L.LightningDataModule):
         if self.hparams.dataset_name:
             raw.update(self._load_hub())
         for split, path in files.items():
-            raw[split] = [self.parse_record(rec, where, split) for where, rec in read_records(path)]
+            raw[split] = [self.parse_record(rec, where, split) for where, rec in self.read_file(path)]
             if not raw[split]:
                 raise TaskheadError(f"{path}: no records (empty file)")
         if not raw:
