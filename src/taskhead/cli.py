@@ -52,6 +52,7 @@ def export_main(argv: list[str]) -> None:
 def run_cli(args: list[str] | None = None) -> TaskheadCLI:
     warnings.filterwarnings("ignore", message=".*custom batch sampler.*")  # ours returns every index, sorted
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")  # main(argv) in Python
     return TaskheadCLI(
         TaskModule,
         TaskDataModule,
@@ -71,9 +72,23 @@ def main(argv: list[str] | None = None) -> None:
             export_main((sys.argv[1:] if argv is None else argv)[1:])
         else:
             run_cli(argv)
-    except TaskheadError as e:
-        print(f"taskhead: error: {e}", file=sys.stderr)
+    except Exception as e:
+        cause = user_error(e)
+        if cause is None:
+            raise
+        print(f"taskhead: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(e: BaseException | None) -> TaskheadError | None:
+    """The TaskheadError behind ``e``: jsonargparse wraps errors raised while instantiating classes."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, TaskheadError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":
