@@ -170,3 +170,23 @@ def test_custom_head_export_round_trip(tiny_bert, review_files, tmp_path):
     with torch.inference_mode():
         expected = module.predict_raw(taskhead.load(out).tokenizer, texts)
     assert taskhead.load(out)(texts) == expected
+
+
+@pytest.mark.parametrize("freeze_steps", [4, 2])
+def test_freeze_then_unfreeze(tiny_bert, review_files, tmp_path, freeze_steps):
+    """Frozen steps leave the backbone untouched; after them it trains at the scheduled LR, not a changed one."""
+    args = cli_args(tiny_bert, {"train": review_files["train"]}, tmp_path,
+                    "--model.optimizer.freeze_backbone_steps", str(freeze_steps), "--model.optimizer.lr", "1e-3",
+                    "--model.scheduler.name", "constant", "--model.scheduler.warmup_ratio", "0.0",
+                    "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null")
+    before = ClassificationModule(tiny_bert, label_names=["neg", "pos"]).model.bert.state_dict()
+    cli = run_cli(["fit", *args])
+    after = cli.model.model.bert.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    if freeze_steps >= 4:
+        assert changed == []
+    else:
+        assert "encoder.layer.0.attention.self.query.weight" in changed
+    assert all(p.requires_grad for p in cli.model.parameters()) == (freeze_steps < 4)
+    lrs = {g["name"]: g["lr"] for g in cli.trainer.optimizers[0].param_groups}
+    assert lrs["backbone.layer_1"] == pytest.approx(1e-3)

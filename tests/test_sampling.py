@@ -39,3 +39,13 @@ def test_sorted_eval_batches_cover_all_once_across_ranks():
     assert seen == list(range(len(LENGTHS)))  # no repeats, nothing lost: DDP metrics equal single-process ones
     single = list(SortedBatchSampler(LENGTHS, 32))
     assert all(LENGTHS[b[0]] >= LENGTHS[b[-1]] for b in single)
+
+
+def test_lightning_sets_the_epoch():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    s = LengthGroupedBatchSampler(LENGTHS, 16, seed=1)
+    first = list(s)
+    _set_sampler_epoch(DataLoader(list(range(len(LENGTHS))), batch_sampler=s), 3)
+    assert s.epoch == 3 and list(s) != first

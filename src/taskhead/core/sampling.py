@@ -40,6 +40,9 @@ class LengthGroupedBatchSampler:
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        # Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` at each epoch start, not on the batch
+        # sampler itself: pointing ``sampler`` here makes every epoch draw a new permutation.
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

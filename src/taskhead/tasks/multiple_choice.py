@@ -1,0 +1,405 @@
+"""Multiple choice (SWAG, HellaSwag, any N-choice set): score each (context, choice) pair, softmax over the choices.
+
+In order: preprocessing (MultipleChoiceDataModule: SWAG columns or a generic context + list-of-choices form, pairs
+encoded with the context truncated first, padded per batch to ``(batch, num_choices, seq)``), post-processing
+(probabilities → chosen index and text), the metric (accuracy, also split by gold position) and the LightningModule.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from taskhead.core.data import TaskDataModule
+from taskhead.core.heads import HeadConfig, build_head, pool
+from taskhead.core.losses import LossConfig, build_loss
+from taskhead.core.module import TaskModule, as_config
+from taskhead.core.optim import OptimizerConfig, SchedulerConfig
+from taskhead.core.pretrained import load_model
+from taskhead.core.readers import get_field, get_text
+from taskhead.errors import TaskheadError
+
+# ---- preprocessing --------------------------------------------------------------------------------------------------
+
+SWAG_START, SWAG_ENDING = "sent2", "ending"  # SWAG columns: choice i = sent2 + " " + ending<i>; context = sent1
+
+
+def parse_label(value: object, num_choices: int, field: str, where: str) -> int:
+    """An integer (or digit string, as in CSV and the Hub's ClassLabel names) in ``[0, num_choices)``."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TaskheadError(f"{where}: field '{field}' must be an integer choice index, got {value!r}")
+    if not 0 <= value < num_choices:
+        raise TaskheadError(f"{where}: label {value} is outside [0, {num_choices}) for {num_choices} choices")
+    return value
+
+
+def swag_choices(rec: dict, where: str) -> list[str]:
+    """``sent2 + " " + ending<i>`` for i = 0, 1, ... while the column exists (SWAG has 4)."""
+    start = get_field(rec, SWAG_START, where)
+    if not isinstance(start, str):
+        raise TaskheadError(f"{where}: field '{SWAG_START}' must be a string, got {type(start).__name__}")
+    n = 0
+    while f"{SWAG_ENDING}{n}" in rec:
+        n += 1
+    if n < 2:
+        get_field(rec, f"{SWAG_ENDING}{n}", where)  # names the first missing ending column
+    endings = [get_text(rec, f"{SWAG_ENDING}{i}", where) for i in range(n)]
+    return [f"{start.strip()} {e.strip()}".strip() for e in endings]
+
+
+def generic_choices(rec: dict, field: str, where: str) -> list[str]:
+    """A JSON list of at least two non-empty strings."""
+    choices = get_field(rec, field, where)
+    if not isinstance(choices, list):
+        raise TaskheadError(f"{where}: field '{field}' must be a list of choice strings, got {type(choices).__name__}")
+    if len(choices) < 2:
+        raise TaskheadError(f"{where}: field '{field}' has {len(choices)} choice(s); multiple choice needs at least 2")
+    for i, c in enumerate(choices):
+        if not isinstance(c, str) or not c.strip():
+            raise TaskheadError(f"{where}: field '{field}' choice {i} is empty or not a string ({c!r})")
+    return choices
+
+
+def encode_choices(tokenizer, contexts: list[str], choices: list[list[str]], max_length: int) -> dict[str, list]:
+    """Encode every (context, choice) pair; per example, each model input is a list of ``num_choices`` token lists.
+
+    The context is truncated first (``only_first``), so every choice stays whole. A pair whose choice alone leaves no
+    room for the context falls back to ``longest_first`` (``only_first`` would raise). ``length`` and
+    ``full_length`` are the longest pair of the example, after and before truncation.
+    """
+    flat_ctx = [ctx for ctx, chs in zip(contexts, choices) for _ in chs]
+    flat_ch = [c for chs in choices for c in chs]
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    ctx_len = [len(ids) for ids in tokenizer(contexts, add_special_tokens=False, verbose=False)["input_ids"]]
+    ch_len = [len(ids) for ids in tokenizer(flat_ch, add_special_tokens=False, verbose=False)["input_ids"]]
+    flat_ctx_len = [n for n, chs in zip(ctx_len, choices) for _ in chs]
+    enc: dict[str, list] = {}
+    fits = [n + special < max_length for n in ch_len]
+    for strategy, wanted in (("only_first", True), ("longest_first", False)):
+        sel = [i for i, f in enumerate(fits) if f == wanted]
+        if not sel:
+            continue
+        part = tokenizer([flat_ctx[i] for i in sel], [flat_ch[i] for i in sel], truncation=strategy, max_length=max_length)
+        for name, values in part.items():
+            column = enc.setdefault(name, [None] * len(flat_ch))
+            for i, v in zip(sel, values):
+                column[i] = v
+    out: dict[str, list] = {name: [] for name in enc}
+    out["length"], out["full_length"] = [], []
+    start = 0
+    for chs in choices:
+        end = start + len(chs)
+        for name in enc:
+            out[name].append(enc[name][start:end])  # (num_choices, seq_i)
+        out["length"].append(max(len(ids) for ids in enc["input_ids"][start:end]))
+        out["full_length"].append(max(flat_ctx_len[i] + ch_len[i] + special for i in range(start, end)))
+        start = end
+    return out
+
+
+def pad_choices(tokenizer, features: list[dict]) -> dict[str, torch.Tensor]:
+    """Pad all choices of all examples to the longest pair in the batch → tensors of (batch, num_choices, seq)."""
+    names = [n for n in tokenizer.model_input_names if n in features[0]]
+    n = len(features[0]["input_ids"])
+    flat = [{k: f[k][j] for k in names} for f in features for j in range(n)]
+    padded = tokenizer.pad(flat, return_tensors="pt")  # (batch * num_choices, seq)
+    return {k: v.view(len(features), n, -1) for k, v in padded.items()}
+
+
+class MultipleChoiceDataModule(TaskDataModule):
+    stratify_column = "label"  # the held-out validation split keeps the gold-position balance of train
+
+    def __init__(
+        self,
+        context_field: str = "sent1",
+        choices_field: str | None = None,
+        label_field: str = "label",
+        **kwargs,
+    ) -> None:
+        """Plus every option of ``TaskDataModule`` (files, batch size, max_length, ...).
+
+        Args:
+            context_field: Field holding the context (SWAG: ``sent1``; HellaSwag: ``ctx``).
+            choices_field: Field holding the list of choice strings (HellaSwag: ``endings``). ``null`` reads SWAG's
+                columns instead: choice i is ``sent2 + " " + ending<i>`` for ``ending0``, ``ending1``, ...
+            label_field: Field holding the index of the correct choice (integer or digit string).
+        """
+        super().__init__(**kwargs)
+        self.context_field, self.choices_field, self.label_field = context_field, choices_field, label_field
+        self.save_hyperparameters()
+
+    def parse_record(self, rec: dict, where: str, split: str) -> dict:
+        context = get_text(rec, self.context_field, where)
+        if self.choices_field is None:
+            choices = swag_choices(rec, where)
+        else:
+            choices = generic_choices(rec, self.choices_field, where)
+        out = {"context": context, "choices": choices, "where": where}
+        if split != "predict":
+            out["label"] = parse_label(get_field(rec, self.label_field, where), len(choices), self.label_field, where)
+        return out
+
+    def check_splits(self, raw: dict[str, list[dict]]) -> None:
+        """Every example of every split has the same number of choices; a Hub split without labels is dropped."""
+        for split in [s for s, records in raw.items() if not records]:
+            del raw[split]  # e.g. SWAG's Hub test split: every label is -1 (not public)
+        first = next((r for records in raw.values() for r in records), None)
+        if first is None:
+            raise TaskheadError("no labelled examples in any split")
+        n = len(first["choices"])
+        for records in raw.values():
+            for r in records:
+                if len(r["choices"]) != n:
+                    raise TaskheadError(
+                        f"{r['where']}: {len(r['choices'])} choices, but {first['where']} has {n}; "
+                        "every example of a dataset needs the same number of choices"
+                    )
+        self.num_choices = n
+
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        return encode_choices(self.tokenizer, batch["context"], batch["choices"], self.hparams.max_length)
+
+    def collate(self, features: list[dict]) -> dict:
+        inputs = pad_choices(self.tokenizer, features)
+        mask = inputs["attention_mask"]
+        batch = {
+            "inputs": inputs,
+            "stats": {"samples": len(features), "tokens": int(mask.sum()), "padded": mask.numel()},
+            "idx": torch.tensor([f["idx"] for f in features]),
+            "context": [f["context"] for f in features],
+            "choices": [f["choices"] for f in features],
+        }
+        if "label" in features[0]:
+            batch["labels"] = torch.tensor([f["label"] for f in features])
+        return batch
+
+    def report_extra(self, split: str, ds) -> list[str]:
+        lines = [f"{self.num_choices} choices per example"]
+        if "label" in ds.column_names:
+            counts = Counter(ds["label"])
+            parts = [f"{i} {counts.get(i, 0) / len(ds):.1%}" for i in range(self.num_choices)]
+            lines.append("gold position: " + " / ".join(parts))
+        return lines
+
+
+# ---- post-processing ------------------------------------------------------------------------------------------------
+
+
+def to_predictions(probs: torch.Tensor, choices: list[list[str]]) -> list[dict]:
+    """(batch, num_choices) probabilities → ``[{"index", "choice", "probabilities"}]``."""
+    out = []
+    for row, chs in zip(probs.float().cpu().tolist(), choices):
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append({"index": best, "choice": chs[best], "probabilities": row})
+    return out
+
+
+def raw_items(items, context, choices) -> tuple[list[tuple[str, list[str]]], bool]:
+    """Normalise ``predict_raw``'s inputs to ``[(context, choices)]``; also say whether one item was given."""
+    if items is None:
+        if context is None or choices is None:
+            raise TaskheadError("give context=... and choices=[...], or a list of {'context', 'choices'} items")
+        items, single = [(context, choices)], True
+    elif isinstance(items, dict):
+        items, single = [items], True
+    else:
+        single = False
+    out = []
+    for i, item in enumerate(items):
+        ctx, chs = (item.get("context"), item.get("choices")) if isinstance(item, dict) else item
+        if not isinstance(ctx, str) or not ctx.strip():
+            raise TaskheadError(f"item {i}: 'context' must be a non-empty string")
+        out.append((ctx, generic_choices({"choices": chs}, "choices", f"item {i}")))
+    return out, single
+
+
+# ---- metric ---------------------------------------------------------------------------------------------------------
+
+
+def build_metrics(num_choices: int) -> MetricCollection:
+    """Accuracy, and accuracy split by gold position (= per-class recall); states sum over batches and ranks."""
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_choices, average="micro"),
+            "acc_by_gold": MulticlassAccuracy(num_choices, average=None),
+        }
+    )
+
+
+def flatten_metrics(stage: str, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalars as ``stage/name``; per-position vectors as ``stage/name/<position>``."""
+    flat = {}
+    for name, v in values.items():
+        if v.ndim == 0:
+            flat[f"{stage}/{name}"] = float(v)
+        else:
+            flat.update({f"{stage}/{name}/{i}": float(x) for i, x in enumerate(v)})
+    return flat
+
+
+def position_report(confusion: list[list[int]]) -> list[dict]:
+    """Per choice position: gold count, predicted count (position bias) and accuracy when the gold is there."""
+    rows = []
+    for i, row in enumerate(confusion):
+        gold = sum(row)
+        rows.append({"position": i, "gold": gold, "predicted": sum(r[i] for r in confusion),
+                     "accuracy": row[i] / gold if gold else None})
+    return rows
+
+
+# ---- model ----------------------------------------------------------------------------------------------------------
+
+
+class MultipleChoiceModule(TaskModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        num_choices: int = 4,
+        label_names: list[str] | None = None,
+        label_counts: list[int] | None = None,
+        head: HeadConfig | None = None,
+        loss: LossConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        max_length: int = 512,
+        num_mistakes: int = 20,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: Hub id, local directory, or ``pkg:PACKAGE/dir`` of the pretrained backbone.
+            num_choices: Choices per example in the training/evaluation data; sizes the accuracy metrics and is
+                checked against every batch. The scorer itself handles any number (prediction accepts any).
+            label_names: Unused (choices have no label set); accepted because the CLI links it for every task.
+            label_counts: Unused likewise.
+            head: A custom per-choice scoring head; ``null`` keeps the backbone's own (``AutoModelForMultipleChoice``).
+            loss: Loss over the choices of each example (cross-entropy, label smoothing allowed).
+            optimizer: AdamW, learning rates, layer-wise decay, freezing.
+            scheduler: Per-step LR schedule with warmup.
+            max_length: Truncation length for raw-input prediction (linked from ``data.max_length``).
+            num_mistakes: How many of the most confident test mistakes ``test`` writes out.
+        """
+        super().__init__(model_name_or_path, optimizer, scheduler)
+        if num_choices < 2:
+            raise TaskheadError(f"model.num_choices must be at least 2, got {num_choices}")
+        self.num_choices = num_choices
+        self.head_cfg = as_config(HeadConfig, head)
+        self.loss_cfg = as_config(LossConfig, loss) or LossConfig()
+        self.max_length, self.num_mistakes = max_length, num_mistakes
+        self.save_task_hparams(num_choices=num_choices, label_names=label_names, label_counts=label_counts,
+                               head=self.head_cfg, loss=self.loss_cfg, max_length=max_length, num_mistakes=num_mistakes)
+        if self.head_cfg is None:  # the backbone's own head, e.g. BERT's pooler + dropout + Linear(hidden, 1)
+            from transformers import AutoModelForMultipleChoice
+
+            self.model = load_model(AutoModelForMultipleChoice, model_name_or_path)
+            self.head = None
+        else:
+            from transformers import AutoModel
+
+            self.model = load_model(AutoModel, model_name_or_path)
+            self.head = build_head(self.head_cfg, self.model.config.hidden_size, 1)
+        self.loss_fn, weight = build_loss(self.loss_cfg, None, num_choices)
+        self.register_buffer("class_weight", weight, persistent=False)
+        self.val_metrics = build_metrics(num_choices)
+        self.test_metrics = build_metrics(num_choices)
+        self.confusion = MulticlassConfusionMatrix(num_choices)
+        self.mistakes: list[tuple] = []
+        self.test_artifacts: dict = {}
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Inputs of (batch, num_choices, seq) → one score per choice, (batch, num_choices)."""
+        if self.head is None:
+            return self.model(**inputs).logits  # the HF model flattens the choices itself
+        b, n = inputs["input_ids"].shape[:2]
+        flat = {k: v.reshape(b * n, -1) for k, v in inputs.items()}  # (batch * choices, seq)
+        hidden = self.model(**flat).last_hidden_state  # (batch * choices, seq, hidden)
+        scores = self.head(pool(hidden, flat["attention_mask"], self.head_cfg.pooling))  # (batch * choices, 1)
+        return scores.view(b, n)
+
+    def _scores(self, batch: dict) -> torch.Tensor:
+        logits = self(batch["inputs"])
+        if logits.size(1) != self.num_choices:
+            raise TaskheadError(
+                f"the data has {logits.size(1)} choices per example but model.num_choices is {self.num_choices}: "
+                f"set --model.init_args.num_choices {logits.size(1)}"
+            )
+        return logits
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        return self.loss_fn(self._scores(batch), batch["labels"], self.class_weight)
+
+    def _eval_step(self, batch: dict, stage: str, metrics: MetricCollection) -> torch.Tensor:
+        logits = self._scores(batch).float()
+        loss = self.loss_fn(logits, batch["labels"], self.class_weight)
+        self.log(f"{stage}/loss", loss, batch_size=batch["stats"]["samples"], sync_dist=True)
+        metrics.update(logits, batch["labels"])
+        return logits
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(flatten_metrics("val", self.val_metrics.compute()))
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        probs = self._eval_step(batch, "test", self.test_metrics).softmax(-1)
+        conf, pred = probs.max(-1)
+        self.confusion.update(pred, batch["labels"])
+        for i in (pred != batch["labels"]).nonzero().flatten().tolist():  # a bounded heap of confident mistakes
+            item = (float(conf[i]), int(batch["idx"][i]), batch["context"][i], batch["choices"][i],
+                    int(batch["labels"][i]), int(pred[i]))
+            heapq.heappush(self.mistakes, item)
+            if len(self.mistakes) > self.num_mistakes:
+                heapq.heappop(self.mistakes)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(flatten_metrics("test", self.test_metrics.compute()))
+        self.test_metrics.reset()
+        mistakes = self.mistakes
+        if self.trainer.world_size > 1:
+            parts: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, mistakes)
+            mistakes = [m for part in parts for m in part]
+        confusion = self.confusion.compute().tolist()
+        self.test_artifacts = {
+            "choice_positions.json": {"positions": position_report(confusion), "rows_gold_cols_pred": confusion},
+            "test_mistakes.json": [
+                {"index": idx, "context": ctx, "choices": chs, "gold": g, "pred": p, "confidence": c}
+                for c, idx, ctx, chs, g, p in heapq.nlargest(self.num_mistakes, mistakes)
+            ],
+        }
+        self.confusion.reset()
+        self.mistakes = []
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        preds = to_predictions(self(batch["inputs"]).float().softmax(-1), batch["choices"])
+        return [{"idx": int(i), **p} for i, p in zip(batch["idx"], preds)]
+
+    def predict_raw(self, tokenizer, items=None, *, context: str | None = None, choices: list[str] | None = None,
+                    batch_size: int = 32) -> dict | list[dict]:
+        """``context=..., choices=[...]`` → ``{"index", "choice", "probabilities"}``; a list of
+        ``{"context", "choices"}`` items (or ``(context, choices)`` pairs) → a list of those, in input order.
+        Items may have different numbers of choices (batched with their own kind)."""
+        pairs, single = raw_items(items, context, choices)
+        enc = encode_choices(tokenizer, [c for c, _ in pairs], [chs for _, chs in pairs], self.max_length)
+        names = [k for k in enc if k not in ("length", "full_length")]
+        features = [{k: enc[k][i] for k in names} for i in range(len(pairs))]
+        # longest first, and only items with the same number of choices share a batch
+        order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][1]), -enc["length"][i]))
+        results: list = [None] * len(pairs)
+        start = 0
+        while start < len(order):
+            n = len(pairs[order[start]][1])
+            idx = [i for i in order[start : start + batch_size] if len(pairs[i][1]) == n]
+            inputs = {k: v.to(self.device) for k, v in pad_choices(tokenizer, [features[i] for i in idx]).items()}
+            preds = to_predictions(self(inputs).float().softmax(-1), [pairs[i][1] for i in idx])
+            for i, p in zip(idx, preds):
+                results[i] = p
+            start += len(idx)
+        return results[0] if single else results

@@ -1,0 +1,484 @@
+"""Extractive question answering (SQuAD v1.1): sliding windows, n-best span selection, the official EM/F1.
+
+In order: preprocessing (reading SQuAD JSON, windows with offset mappings and span labels: QADataModule),
+post-processing (per-window n-best spans merged per example), the metric (official SQuAD v1.1 exact match and F1),
+and the LightningModule. The algorithms follow HF's ``prepare_train_features`` / ``prepare_validation_features``
+(``run_qa.py``) and ``postprocess_qa_predictions`` (``utils_qa.py``), written once as importable functions.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from taskhead.core.data import TaskDataModule
+from taskhead.core.export import batched_inference
+from taskhead.core.heads import HeadConfig, build_head
+from taskhead.core.module import TaskModule, as_config
+from taskhead.core.optim import OptimizerConfig, SchedulerConfig
+from taskhead.core.pretrained import load_model
+from taskhead.core.readers import _open_text, file_format, get_field, get_text, read_records
+from taskhead.errors import TaskheadError
+
+Offsets = Sequence[Sequence[int] | None]  # per token: (char start, char end) in the context, None outside it
+
+# ---- preprocessing --------------------------------------------------------------------------------------------------
+
+
+def read_squad_json(path: str) -> Iterator[tuple[str, dict]]:
+    """Yield ``("path: question ID", {id, question, context, answers: {text, answer_start}})`` from a SQuAD JSON file
+    (``data > paragraphs > qas > answers``). Other JSON layouts (a plain list of records) go to the generic reader."""
+    try:
+        data = json.load(_open_text(Path(path)))
+    except json.JSONDecodeError as e:
+        raise TaskheadError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    articles = data.get("data") if isinstance(data, dict) else None
+    if not (isinstance(articles, list) and articles and isinstance(articles[0], dict) and "paragraphs" in articles[0]):
+        yield from read_records(path)
+        return
+    for a, article in enumerate(articles):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            raise TaskheadError(f"{path}: article {a}: 'paragraphs' must be a list")
+        for p, para in enumerate(paragraphs):
+            qas = para.get("qas") if isinstance(para, dict) else None
+            if not isinstance(qas, list):
+                raise TaskheadError(f"{path}: article {a} paragraph {p}: 'qas' must be a list")
+            for q, qa in enumerate(qas):
+                if not isinstance(qa, dict) or not qa.get("id"):
+                    raise TaskheadError(f"{path}: article {a} paragraph {p} question {q}: 'id' is missing")
+                answers = qa.get("answers", [])
+                if not isinstance(answers, list) or not all(isinstance(x, dict) for x in answers):
+                    raise TaskheadError(f"{path}: question {qa['id']}: 'answers' must be a list of {{text, answer_start}}")
+                yield f"{path}: question {qa['id']}", {
+                    "id": str(qa["id"]), "question": qa.get("question"), "context": para.get("context"),
+                    "answers": {"text": [x.get("text") for x in answers], "answer_start": [x.get("answer_start") for x in answers]},
+                }
+
+
+def nearest_occurrence(context: str, text: str, start: int) -> int | None:
+    """Character position of the occurrence of ``text`` in ``context`` closest to ``start`` (None if absent)."""
+    found, pos = [], context.find(text)
+    while pos != -1:
+        found.append(pos)
+        pos = context.find(text, pos + 1)
+    return min(found, key=lambda p: (abs(p - start), p)) if found else None
+
+
+def span_labels(offsets: Offsets, start_char: int, end_char: int, cls_index: int) -> tuple[int, int]:
+    """Token positions of the answer ``[start_char, end_char)`` in one window; ``(cls, cls)`` when it is not all inside."""
+    ctx = [i for i, o in enumerate(offsets) if o is not None]
+    if not ctx or not (offsets[ctx[0]][0] <= start_char and offsets[ctx[-1]][1] >= end_char):
+        return cls_index, cls_index
+    s, e = ctx[0], ctx[-1]
+    while s <= ctx[-1] and offsets[s][0] <= start_char:
+        s += 1
+    while e >= ctx[0] and offsets[e][1] >= end_char:
+        e -= 1
+    return s - 1, e + 1
+
+
+def prepare_features(tokenizer, questions: list[str], contexts: list[str], max_length: int, doc_stride: int,
+                     answers: list[dict] | None = None) -> dict[str, list]:
+    """Examples → overlapping windows: model inputs, ``example`` (input row of each window), ``offsets`` (context-only
+    character offsets), and with ``answers`` the ``start_positions``/``end_positions`` of the first answer (CLS if
+    outside the window). Tokenizers that pad on the left get the context first (HF ``run_qa.py``)."""
+    if not tokenizer.is_fast:
+        raise TaskheadError(f"QA needs a fast tokenizer (offset mappings); {type(tokenizer).__name__} is not")
+    right = tokenizer.padding_side == "right"
+    try:
+        enc = tokenizer(questions if right else contexts, contexts if right else questions,
+                        truncation="only_second" if right else "only_first", max_length=max_length, stride=doc_stride,
+                        return_overflowing_tokens=True, return_offsets_mapping=True)
+    except Exception as e:  # the Rust tokenizer's error when the question leaves no room for context + stride
+        longest = max(range(len(questions)), key=lambda i: len(questions[i]))
+        raise TaskheadError(f"cannot cut windows of {max_length} tokens with doc_stride {doc_stride} (longest question here: "
+                            f"{questions[longest][:80]!r}): raise --data.max_length or lower --data.doc_stride ({e})") from None
+    ctx_seq = 1 if right else 0
+    out = {k: enc[k] for k in enc if k not in ("offset_mapping", "overflow_to_sample_mapping")}
+    out["example"] = list(enc["overflow_to_sample_mapping"])
+    out["offsets"] = [[o if s == ctx_seq else None for o, s in zip(offs, enc.sequence_ids(w))]
+                      for w, offs in enumerate(enc["offset_mapping"])]
+    if answers is not None:
+        out["start_positions"], out["end_positions"] = [], []
+        for w, ex in enumerate(out["example"]):
+            ids = out["input_ids"][w]
+            cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+            start = answers[ex]["answer_start"][0]
+            s, e = span_labels(out["offsets"][w], start, start + len(answers[ex]["text"][0]), cls)
+            out["start_positions"].append(s)
+            out["end_positions"].append(e)
+    return out
+
+
+class ExampleBatchSampler:
+    """Prediction batches that keep all windows of an example together (longest first; ranks take every n-th batch),
+    so each ``predict_step`` returns finished answers in the order-independent ``idx`` form the writer expects."""
+
+    def __init__(self, examples: Sequence[int], lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0):
+        groups: dict[int, list[int]] = {}
+        for row, ex in enumerate(examples):
+            groups.setdefault(ex, []).append(row)
+        batches, cur = [], []
+        for ex in sorted(groups, key=lambda ex: -max(lengths[r] for r in groups[ex])):
+            if cur and len(cur) + len(groups[ex]) > batch_size:
+                batches.append(cur)
+                cur = []
+            cur += groups[ex]
+        self.batches = (batches + [cur] if cur else batches)[rank::num_replicas]
+
+    def __iter__(self):
+        yield from self.batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class QADataModule(TaskDataModule):
+    def __init__(self, max_length: int = 384, doc_stride: int = 128, fix_answer_offsets: bool = False, **kwargs) -> None:
+        """Plus every option of ``TaskDataModule`` (files, batch size, ...). Files: SQuAD v1.1 JSON, or JSONL with
+        ``id, question, context, answers`` (``answers`` not needed for prediction).
+
+        Args:
+            max_length: Window length in tokens (question + context + special tokens).
+            doc_stride: Tokens of overlap between consecutive windows of a long context.
+            fix_answer_offsets: When an ``answer_start`` does not point at its text, move it to the nearest occurrence
+                (counted in the log) instead of stopping with an error.
+        """
+        super().__init__(max_length=max_length, **kwargs)
+        if not 0 <= doc_stride < max_length // 2:
+            raise TaskheadError(f"--data.doc_stride must be in [0, max_length / 2), got {doc_stride} with max_length {max_length}")
+        self.save_hyperparameters()
+        self.offset_fixes: Counter = Counter()
+
+    def read_file(self, path: str) -> Iterator[tuple[str, dict]]:
+        return read_squad_json(path) if file_format(path) == "json" else read_records(path)
+
+    def parse_record(self, rec: dict, where: str, split: str) -> dict:
+        qid = str(rec.get("id") or where)
+        name = where if qid in where else f"{where} (question {qid})"
+        question = get_text(rec, "question", name).lstrip()  # leading blanks would only eat the window
+        context = get_field(rec, "context", name)
+        if not isinstance(context, str) or not context.strip():
+            raise TaskheadError(f"{name}: empty context")
+        out = {"id": qid, "question": question, "context": context, "where": where}
+        if split == "predict":
+            return out
+        ans = get_field(rec, "answers", name)
+        if isinstance(ans, list):  # JSONL in the SQuAD layout: [{text, answer_start}, ...]
+            ans = {"text": [a.get("text") for a in ans], "answer_start": [a.get("answer_start") for a in ans]}
+        texts, starts = list(ans.get("text") or []), list(ans.get("answer_start") or [])
+        if not texts:
+            raise TaskheadError(f"{name}: no answers (every question of a {split} split needs at least one)")
+        if len(texts) != len(starts):
+            raise TaskheadError(f"{name}: {len(texts)} answer texts but {len(starts)} answer_start values")
+        for k, (text, start) in enumerate(zip(texts, starts)):
+            if not isinstance(text, str) or not text.strip() or isinstance(start, bool) or not isinstance(start, int):
+                raise TaskheadError(f"{name}: answer {k} needs a non-empty 'text' and an integer 'answer_start', got {text!r}, {start!r}")
+            if context[start : start + len(text)] == text:
+                continue
+            found = nearest_occurrence(context, text, start) if self.hparams.fix_answer_offsets else None
+            if found is None:
+                there = context[start : start + len(text)]
+                hint = "it does not occur in the context" if self.hparams.fix_answer_offsets else \
+                    "fix the file, or pass --data.fix_answer_offsets true to use the nearest occurrence"
+                raise TaskheadError(f"{name}: answer {k} {text!r} is not at answer_start {start} (found {there!r}); {hint}")
+            starts[k] = found
+            self.offset_fixes[split] += 1
+        out["answers"] = {"text": texts, "answer_start": starts}
+        return out
+
+    def check_splits(self, raw: dict[str, list[dict]]) -> None:
+        for split, records in raw.items():
+            seen: dict[str, str] = {}
+            for r in records:
+                if r["id"] in seen:
+                    raise TaskheadError(f"{r['where']}: question id {r['id']} repeats ({seen[r['id']]})")
+                seen[r["id"]] = r["where"]
+            if self.offset_fixes[split]:
+                rank_zero_info(f"[data] {split}: moved answer_start of {self.offset_fixes[split]:,} answers to the "
+                               "nearest occurrence of their text (--data.fix_answer_offsets)")
+
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        tok, h = self.tokenizer, self.hparams
+        feats = prepare_features(tok, batch["question"], batch["context"], h.max_length, h.doc_stride, batch.get("answers"))
+        pair = (batch["question"], batch["context"]) if tok.padding_side == "right" else (batch["context"], batch["question"])
+        full = [len(ids) for ids in tok(*pair, truncation=False, return_attention_mask=False, verbose=False)["input_ids"]]
+        rows = feats["example"]
+        out = {k: [v[r] for r in rows] for k, v in batch.items()}  # one output row per window: input columns repeat
+        out.update({k: v for k, v in feats.items() if k != "example"})
+        out["length"] = [len(ids) for ids in feats["input_ids"]]
+        out["full_length"] = [full[r] for r in rows]
+        if "start_positions" in feats:
+            cls = [ids.index(tok.cls_token_id) if tok.cls_token_id in ids else 0 for ids in feats["input_ids"]]
+            out["answer_in_window"] = [s != c for s, c in zip(feats["start_positions"], cls)]
+        return out
+
+    def collate(self, features: list[dict]) -> dict:
+        batch = self.pad_inputs(features)
+        batch.update({k: [f[k] for f in features] for k in ("idx", "id", "question", "context", "offsets")})
+        if "answers" in features[0]:
+            batch["answers"] = [f["answers"]["text"] for f in features]
+        if "start_positions" in features[0]:
+            width = batch["inputs"]["input_ids"].shape[1]  # left padding moves every position by the pad count
+            shift = [width - len(f["input_ids"]) if self.tokenizer.padding_side == "left" else 0 for f in features]
+            batch["start_positions"] = torch.tensor([f["start_positions"] + s for f, s in zip(features, shift)])
+            batch["end_positions"] = torch.tensor([f["end_positions"] + s for f, s in zip(features, shift)])
+        return batch
+
+    def report_extra(self, split: str, ds) -> list[str]:
+        lines = [f"{len(set(ds['idx'])):,} questions → {len(ds):,} windows (max_length {self.hparams.max_length}, "
+                 f"doc_stride {self.hparams.doc_stride})"]
+        if "answer_in_window" in ds.column_names:
+            lines.append(f"{np.mean(ds['answer_in_window']):.1%} of windows contain the (first) answer; the rest point at CLS")
+        return lines
+
+    def predict_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        ds = self.datasets["predict"]
+        sampler = ExampleBatchSampler(ds["idx"], ds["length"], self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
+                                      num_replicas=world, rank=rank)
+        return self._loader("predict", sampler)
+
+
+# ---- post-processing ------------------------------------------------------------------------------------------------
+
+Candidate = tuple[float, int, int]  # (start logit + end logit, char start, char end)
+
+
+def window_candidates(start_logits: Sequence[float], end_logits: Sequence[float], offsets: Offsets,
+                      n_best: int = 20, max_answer_length: int = 30) -> list[Candidate]:
+    """One window's best spans, best first: pairs of the ``n_best`` highest start and end logits, skipping tokens outside
+    the context, reversed spans and spans longer than ``max_answer_length`` tokens. Logits may be longer than
+    ``offsets`` (padding); only the first ``len(offsets)`` positions count."""
+    start_logits = np.asarray(start_logits, dtype=np.float64)[: len(offsets)]
+    end_logits = np.asarray(end_logits, dtype=np.float64)[: len(offsets)]
+    starts = np.argsort(-start_logits, kind="stable")[:n_best]
+    ends = np.argsort(-end_logits, kind="stable")[:n_best]
+    out = []
+    for s in starts:
+        if offsets[s] is None:
+            continue
+        for e in ends:
+            if offsets[e] is None or e < s or e - s + 1 > max_answer_length:
+                continue
+            out.append((float(start_logits[s] + end_logits[e]), int(offsets[s][0]), int(offsets[e][1])))
+    return heapq.nlargest(n_best, out)
+
+
+def merge_candidates(candidates: Sequence[Candidate], n_best: int = 20) -> list[Candidate]:
+    """Keep the ``n_best`` best distinct spans (a span seen in two overlapping windows keeps its higher score)."""
+    best: dict[tuple[int, int], float] = {}
+    for score, s, e in candidates:
+        if score > best.get((s, e), -np.inf):
+            best[(s, e)] = score
+    return heapq.nlargest(n_best, ((sc, s, e) for (s, e), sc in best.items()))
+
+
+def best_answer(candidates: Sequence[Candidate], context: str, n_best: int = 20) -> dict:
+    """All windows' candidates of one example → ``{"answer", "start", "end", "score"}``: the top span's text by
+    character offsets, its score a softmax over the n-best scores (as HF ``utils_qa``). No candidate → empty answer."""
+    top = merge_candidates(candidates, n_best)
+    if not top:
+        return {"answer": "", "start": 0, "end": 0, "score": 0.0}
+    scores = np.array([c[0] for c in top])
+    probs = np.exp(scores - scores.max())
+    _, s, e = top[0]
+    return {"answer": context[s:e], "start": s, "end": e, "score": float(probs[0] / probs.sum())}
+
+
+# ---- metric ---------------------------------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """Official SQuAD v1.1 normalisation: lower-case, drop punctuation, drop articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:  # the official script returns 0 here, also when both sides normalise to nothing
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """Official SQuAD v1.1 ``exact_match`` and ``f1`` in percent: per question the max over its gold answers, averaged
+    over every question in ``references`` (a question without a prediction scores 0, as in the official script)."""
+    if not references:
+        return {"exact_match": 0.0, "f1": 0.0}
+    em = f1_sum = 0.0
+    for qid, golds in references.items():
+        if qid in predictions:
+            em += max(exact_match(predictions[qid], g) for g in golds)
+            f1_sum += max(f1(predictions[qid], g) for g in golds)
+    return {"exact_match": 100.0 * em / len(references), "f1": 100.0 * f1_sum / len(references)}
+
+
+# ---- model ----------------------------------------------------------------------------------------------------------
+
+
+class QAModule(TaskModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        label_names: list[str] | None = None,
+        label_counts: list[int] | None = None,
+        head: HeadConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        max_length: int = 384,
+        doc_stride: int = 128,
+        n_best: int = 20,
+        max_answer_length: int = 30,
+        num_mistakes: int = 20,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: Hub id, local directory, or ``pkg:PACKAGE/dir`` of the pretrained backbone.
+            label_names: Unused (QA has no label set); accepted because the CLI links it for every task.
+            label_counts: Unused, as ``label_names``.
+            head: A custom per-token head giving start/end logits; ``null`` keeps ``AutoModelForQuestionAnswering``'s.
+            optimizer: AdamW, learning rates, layer-wise decay, freezing.
+            scheduler: Per-step LR schedule with warmup.
+            max_length: Window length for raw-text prediction (linked from ``data.max_length``).
+            doc_stride: Window overlap for raw-text prediction; keep it equal to ``data.doc_stride``.
+            n_best: Start and end candidates per window, and spans kept per question.
+            max_answer_length: Longest answer in tokens.
+            num_mistakes: How many of the most confident wrong test answers ``test`` writes out.
+        """
+        super().__init__(model_name_or_path, optimizer, scheduler)
+        self.head_cfg = as_config(HeadConfig, head)
+        self.max_length, self.doc_stride, self.n_best = max_length, doc_stride, n_best
+        self.max_answer_length, self.num_mistakes = max_answer_length, num_mistakes
+        self.save_task_hparams(head=self.head_cfg, max_length=max_length, doc_stride=doc_stride, n_best=n_best,
+                               max_answer_length=max_answer_length, num_mistakes=num_mistakes)
+        if self.head_cfg is None:  # the backbone family's own span head (qa_outputs): exports as a standard HF model
+            from transformers import AutoModelForQuestionAnswering
+
+            self.model = load_model(AutoModelForQuestionAnswering, model_name_or_path)
+            self.head = None
+        else:
+            from transformers import AutoModel
+
+            self.model = load_model(AutoModel, model_name_or_path)
+            self.head = build_head(self.head_cfg, self.model.config.hidden_size, 2)  # applied to every token
+        self.streams: dict[str, dict[int, dict]] = {"val": {}, "test": {}}
+        self.test_artifacts: dict = {}
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.head is None:
+            out = self.model(**inputs)
+            return out.start_logits, out.end_logits  # (batch, seq) each
+        logits = self.head(self.model(**inputs).last_hidden_state)  # (batch, seq, 2)
+        return logits[..., 0], logits[..., 1]
+
+    def span_loss(self, start: torch.Tensor, end: torch.Tensor, batch: dict) -> torch.Tensor:
+        return (F.cross_entropy(start.float(), batch["start_positions"]) + F.cross_entropy(end.float(), batch["end_positions"])) / 2
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        return self.span_loss(*self(batch["inputs"]), batch)
+
+    def _window_candidates(self, start: torch.Tensor, end: torch.Tensor, mask: torch.Tensor, offsets: list) -> list[list[Candidate]]:
+        """(batch, seq) logits of padded windows → candidates per window (left padding: real tokens start later)."""
+        first = mask.long().argmax(1).tolist()  # 0 with right padding
+        start, end = start.float().cpu().numpy(), end.float().cpu().numpy()
+        return [window_candidates(start[i, f : f + len(o)], end[i, f : f + len(o)], o, self.n_best, self.max_answer_length)
+                for i, (f, o) in enumerate(zip(first, offsets))]
+
+    # ---- evaluation: stream n-best candidates per question, score at epoch end -----------------------------------------
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        start, end = self(batch["inputs"])
+        if "start_positions" in batch:
+            self.log(f"{stage}/loss", self.span_loss(start, end, batch), batch_size=batch["stats"]["samples"], sync_dist=True)
+        stream = self.streams[stage]
+        for w, cands in enumerate(self._window_candidates(start, end, batch["inputs"]["attention_mask"], batch["offsets"])):
+            ex = stream.setdefault(batch["idx"][w], {"id": batch["id"][w], "question": batch["question"][w],
+                                                    "context": batch["context"][w], "gold": batch["answers"][w], "cands": []})
+            ex["cands"] = merge_candidates(ex["cands"] + cands, self.n_best)  # never more than n_best per question
+
+    def _finish(self, stage: str) -> tuple[dict[str, float], list[dict]]:
+        stream, self.streams[stage] = self.streams[stage], {}
+        if self.trainer.world_size > 1:  # windows of one question may sit on different ranks
+            parts: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, stream)
+            stream = {}
+            for part in parts:
+                for idx, ex in part.items():
+                    if idx in stream:
+                        ex = {**ex, "cands": merge_candidates(stream[idx]["cands"] + ex["cands"], self.n_best)}
+                    stream[idx] = ex
+        rows = [{"id": ex["id"], "question": ex["question"], "gold": ex["gold"], **best_answer(ex["cands"], ex["context"], self.n_best)}
+                for _, ex in sorted(stream.items())]
+        scores = squad_scores({r["id"]: r["answer"] for r in rows}, {r["id"]: r["gold"] for r in rows})
+        self.log_dict({f"{stage}/{k}": v for k, v in scores.items()})
+        return scores, rows
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        _, rows = self._finish("test")
+        wrong = [r for r in rows if max(exact_match(r["answer"], g) for g in r["gold"]) == 0]
+        wrong = heapq.nlargest(self.num_mistakes, wrong, key=lambda r: r["score"])
+        self.test_artifacts = {
+            "test_predictions.json": {r["id"]: r["answer"] for r in rows},  # the official evaluate-v1.1.py input
+            "test_mistakes.json": [{**r, "f1": max(f1(r["answer"], g) for g in r["gold"])} for r in wrong],
+        }
+
+    # ---- prediction ---------------------------------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        start, end = self(batch["inputs"])  # whole questions per batch (ExampleBatchSampler)
+        per_example: dict[int, list] = {}
+        for w, cands in enumerate(self._window_candidates(start, end, batch["inputs"]["attention_mask"], batch["offsets"])):
+            per_example.setdefault(batch["idx"][w], [batch["id"][w], batch["context"][w], []])[2].extend(cands)
+        return [{"idx": idx, "id": qid, **best_answer(c, ctx, self.n_best)} for idx, (qid, ctx, c) in per_example.items()]
+
+    def predict_raw(self, tokenizer, question: str | list[str], context: str | list[str], batch_size: int = 32) -> dict | list[dict]:
+        """Question(s) + context(s) → ``{"answer", "start", "end", "score"}`` each (character offsets into the context);
+        long contexts are cut into windows. A single question gives a single dict."""
+        single = isinstance(question, str)
+        questions = [question] if single else list(question)
+        contexts = [context] if isinstance(context, str) else list(context)
+        if len(questions) != len(contexts):
+            raise TaskheadError(f"{len(questions)} questions but {len(contexts)} contexts")
+        if any(not c.strip() for c in contexts):
+            raise TaskheadError("empty context")
+        feats = prepare_features(tokenizer, [q.lstrip() for q in questions], contexts, self.max_length, self.doc_stride)
+        names = [n for n in tokenizer.model_input_names if n in feats]
+        encodings = [{n: feats[n][w] for n in names} for w in range(len(feats["input_ids"]))]
+
+        def run(inputs, idx):
+            start, end = self(inputs)
+            return self._window_candidates(start, end, inputs["attention_mask"], [feats["offsets"][w] for w in idx])
+
+        per_window = batched_inference(encodings, tokenizer, batch_size, run, self.device)
+        cands: list[list[Candidate]] = [[] for _ in questions]
+        for ex, c in zip(feats["example"], per_window):
+            cands[ex].extend(c)
+        out = [best_answer(c, ctx, self.n_best) for c, ctx in zip(cands, contexts)]
+        return out[0] if single else out
