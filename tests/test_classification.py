@@ -42,6 +42,15 @@ def test_string_labels_and_sentence_fields(tiny_bert, tmp_path):
     assert batch["stats"]["tokens"] == int(batch["inputs"]["attention_mask"].sum())
 
 
+def test_csv_with_sentence_field(tiny_bert, tmp_path):
+    """A dataset whose fields are sentence/label works with two overrides (CSV: every value is a string)."""
+    rows = make_reviews(30, 4, labels=("0", "1"))
+    csv = tmp_path / "t.csv"
+    csv.write_text("sentence,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    dm = dm_for(tiny_bert, tmp_path, train_file=str(csv), text_field="sentence", label_field="label")
+    assert dm.label_names == ["0", "1"] and dm.label_counts == [15, 15]
+
+
 def test_int_labels_index_label_names(tiny_bert, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}] * 5)
     dm = dm_for(tiny_bert, tmp_path, train_file=str(train), label_names=["neg", "pos"])

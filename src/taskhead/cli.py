@@ -10,7 +10,7 @@ import argparse
 import sys
 import warnings
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from taskhead.core.callbacks import RunArtifacts, RunManifest, Throughput
@@ -31,7 +31,9 @@ class TaskheadCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         # Always on, whatever the YAML's callback list says: they only observe the run.
-        extra = [Throughput(), RichProgressBar(leave=True)]
+        # Rich in a terminal; in a log file (background runs, CI) Rich draws nothing until the end, tqdm prints lines.
+        bar = RichProgressBar(leave=True) if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20)
+        extra = [Throughput(), bar]
         if self._get(self.config_init, "trainer").get("logger") is not False:
             extra.append(LearningRateMonitor(logging_interval="step"))
         kwargs.setdefault("callbacks", []).extend(extra)

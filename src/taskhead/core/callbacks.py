@@ -126,7 +126,8 @@ class Throughput(Callback):
 
 
 class RunArtifacts(BasePredictionWriter):
-    """After ``test``: metrics.json (+ task artifacts). After ``predict``: predictions.jsonl in input order.
+    """After ``test`` or ``validate``: metrics.json (+ the task's test artifacts). After ``predict``:
+    predictions.jsonl in input order.
 
     Args:
         predictions_file: Where ``predict`` writes its JSONL (default: ``<run dir>/predictions.jsonl``).
@@ -136,15 +137,22 @@ class RunArtifacts(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.predictions_file = predictions_file
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _write_metrics(self, trainer: L.Trainer, prefix: str, artifacts: dict) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
         out = run_dir(trainer)
         write_json(out / "metrics.json", metrics)
-        for name, obj in getattr(pl_module, "test_artifacts", {}).items():
+        for name, obj in artifacts.items():
             write_json(out / name, obj)
-        rank_zero_info(f"[test] metrics written to {out / 'metrics.json'}")
+        rank_zero_info(f"[{prefix.rstrip('/')}] metrics written to {out / 'metrics.json'}")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_metrics(trainer, "test/", getattr(pl_module, "test_artifacts", {}))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # the validate command, not validation inside fit
+            self._write_metrics(trainer, "val/", {})
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         rows = [row for batch in predictions for row in batch]
