@@ -113,8 +113,6 @@ def pad_choices(tokenizer, features: list[dict]) -> dict[str, torch.Tensor]:
 
 
 class MultipleChoiceDataModule(TaskDataModule):
-    stratify_column = "label"  # the held-out validation split keeps the gold-position balance of train
-
     def __init__(
         self,
         context_field: str = "sent1",
@@ -144,6 +142,13 @@ class MultipleChoiceDataModule(TaskDataModule):
         if split != "predict":
             out["label"] = parse_label(get_field(rec, self.label_field, where), len(choices), self.label_field, where)
         return out
+
+    @property
+    def label_names(self) -> None:
+        """None: choices have no label set. The CLI reads it (linked to ``model.label_names``) before building the
+        model, so reading and checking every split here makes a bad file fail before a model is loaded."""
+        _ = self.raw
+        return None
 
     def check_splits(self, raw: dict[str, list[dict]]) -> None:
         """Every example of every split has the same number of choices; a Hub split without labels is dropped."""
