@@ -31,8 +31,11 @@ from taskhead.tasks.seq2seq_models import (
     ensure_pad,
     eos_ids,
     generation_config,
+    hit_limit,
     load_generator_tokenizer,
     resolve_generator_path,
+    strip_generated,
+    token_lengths,
 )
 
 # ---- preprocessing --------------------------------------------------------------------------------------------------
@@ -237,34 +240,15 @@ class Seq2SeqDataModule(TaskDataModule):
         return lines
 
 
-# ---- post-processing ------------------------------------------------------------------------------------------------
-
-
-def strip_generated(sequences: torch.Tensor, prompt_width: int, architecture: str) -> torch.Tensor:
-    """generate() output → new tokens only: drop the (left-padded) prompt of a decoder-only LM, or the decoder start."""
-    return sequences[:, prompt_width:] if architecture == "causal" else sequences[:, 1:]
-
-
-def hit_limit(new_tokens: torch.Tensor, eos: list[int], max_new_tokens: int) -> list[bool]:
-    """True where an output has no EOS and filled ``max_new_tokens``: it was cut off, not finished."""
-    finished = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device)).any(1)
-    return [(not f) and new_tokens.shape[1] >= max_new_tokens for f in finished.tolist()]
-
-
-def token_lengths(new_tokens: torch.Tensor, eos: list[int], pad_id: int | None) -> list[int]:
-    """Generated tokens up to and excluding the first EOS (pads after it do not count)."""
-    out = []
-    for row in new_tokens.tolist():
-        n = next((i for i, t in enumerate(row) if t in eos), len(row))
-        out.append(n - sum(t == pad_id for t in row[:n]) if pad_id is not None and pad_id not in eos else n)
-    return out
+# ---- post-processing: generate() output → text (``strip_generated``, ``hit_limit``, ``token_lengths`` in
+# seq2seq_models.py) happens in ``Seq2SeqModule.generate`` below.
 
 
 # ---- metric ---------------------------------------------------------------------------------------------------------
 
 # Sentence ends: . ! ? (plus closing quotes/brackets) followed by space and an upper-case letter, digit or quote.
 # rougeLsum needs sentences; nltk's punkt model cannot be downloaded here and this is what punkt does on news text.
-SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
+SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)\]]))\s+(?=[\"'“‘(\[]?[A-Z0-9])")
 
 
 def split_sentences(text: str) -> list[str]:
@@ -418,7 +402,9 @@ class Seq2SeqModule(TaskModule):
         out = self.model.generate(**inputs, generation_config=self.gen_config)
         new = strip_generated(out, inputs["input_ids"].shape[1], self.architecture)
         eos = eos_ids(self.gen_config)
-        texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        # WordPiece decodes "uk ' s" / "end ." unless cleaned; byte-level BPE decodes exactly and must not be touched
+        wordpiece = type(getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)).__name__ == "WordPiece"
+        texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=wordpiece)]
         return texts, token_lengths(new, eos, self.gen_config.pad_token_id), hit_limit(new, eos, self.gen_config.max_new_tokens)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
@@ -435,6 +421,9 @@ class Seq2SeqModule(TaskModule):
     def _eval_epoch_end(self, stage: str) -> tuple[dict, list[tuple]]:
         scores, rows = self.texts[stage].compute()
         if not rows:
+            if stage == "val" and self.val_generate_samples is not None:  # e.g. trainer.limit_val_batches cut them off
+                rank_zero_warn(f"[generate] val: no example with index < val_generate_samples={self.val_generate_samples} "
+                               "was seen: no val generation metrics this epoch")
             return scores, rows
         if scores["hit_max_new_tokens"] > 0:
             rank_zero_warn(f"[generate] {stage}: {scores['hit_max_new_tokens']:.1%} of {len(rows):,} outputs hit "

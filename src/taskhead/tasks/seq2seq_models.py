@@ -1,4 +1,5 @@
-"""The three generator wirings of the seq2seq task, the one GenerationConfig they share, and GGUF → safetensors.
+"""The three generator wirings of the seq2seq task, the one GenerationConfig they share, what generate() returns
+→ new tokens, and GGUF → safetensors.
 
 1. ``seq2seq``: ``AutoModelForSeq2SeqLM`` (T5, BART, Marian, mBART, Pegasus): the model knows its special tokens.
 2. ``encoder_decoder``: ``EncoderDecoderModel`` warm-started from one encoder checkpoint ("BERT2BERT", Rothe et al.
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from taskhead.core.pretrained import load_model, load_pretrained, load_tokenizer, resolve_model_path
@@ -169,3 +171,26 @@ def generation_config(options: GenerationOptions, model, tokenizer, architecture
 def eos_ids(gen_config) -> list[int]:
     eos = gen_config.eos_token_id
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+# ---- decoding output ----------------------------------------------------------------------------------------------
+
+
+def strip_generated(sequences: torch.Tensor, prompt_width: int, architecture: str) -> torch.Tensor:
+    """generate() output → new tokens only: drop the (left-padded) prompt of a decoder-only LM, or the decoder start."""
+    return sequences[:, prompt_width:] if architecture == "causal" else sequences[:, 1:]
+
+
+def hit_limit(new_tokens: torch.Tensor, eos: list[int], max_new_tokens: int) -> list[bool]:
+    """True where an output has no EOS and filled ``max_new_tokens``: it was cut off, not finished."""
+    finished = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device)).any(1)
+    return [(not f) and new_tokens.shape[1] >= max_new_tokens for f in finished.tolist()]
+
+
+def token_lengths(new_tokens: torch.Tensor, eos: list[int], pad_id: int | None) -> list[int]:
+    """Generated tokens up to and excluding the first EOS (pads after it do not count)."""
+    out = []
+    for row in new_tokens.tolist():
+        n = next((i for i, t in enumerate(row) if t in eos), len(row))
+        out.append(n - sum(t == pad_id for t in row[:n]) if pad_id is not None and pad_id not in eos else n)
+    return out
