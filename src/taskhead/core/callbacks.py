@@ -42,7 +42,10 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run directory, without a collective: ``trainer.log_dir`` broadcasts from rank 0, and the writers below
+    run on rank 0 alone, so calling it there deadlocks DDP. The logger's own ``log_dir`` is what rank 0 broadcasts."""
+    log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+    return Path(log_dir or trainer.default_root_dir)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -189,7 +189,13 @@ class NerDataModule(TaskDataModule):
 
         name, config = self.hparams.dataset_name, self.hparams.dataset_config
         try:
-            dd = datasets.load_dataset(name, config)
+            try:
+                dd = datasets.load_dataset(name, config)
+            except RuntimeError as e:  # datasets >= 4 runs no loading scripts (eriktks/conll2003 has one) ...
+                if "scripts are no longer supported" not in str(e):
+                    raise
+                # ... but the Hub keeps a Parquet export of such datasets
+                dd = datasets.load_dataset(name, config, revision="refs/convert/parquet")
         except Exception as e:  # the Hub client raises many types; the user needs the first line only
             raise TaskheadError(f"could not load dataset '{name}' ({config}): {str(e).splitlines()[0]}") from None
         out = {}
@@ -267,7 +273,10 @@ class NerDataModule(TaskDataModule):
             # Complete the scheme: the IOB2 conversion can produce a B-X for a type whose B-X a corpus never used.
             names += [n for n in iob2_label_names({n[2:] for n in names if n != "O"}) if n not in names]
         else:
-            source = raw.get("train") or next((r for r in raw.values() if r and "tags" in r[0]), [])
+            source = raw.get("train") or next((r for r in raw.values() if r and "tags" in r[0]), None)
+            if source is None:
+                raise TaskheadError("no tagged split to take the label set from: give a train/validation/test file "
+                                    "or --data.label_names (the model's id order, e.g. from the checkpoint's hparams.yaml)")
             names = iob2_label_names({t[2:] for r in source for t in r["tags"] if t != "O"})
         index = {n: i for i, n in enumerate(names)}
         for records in raw.values():
@@ -315,12 +324,12 @@ class NerDataModule(TaskDataModule):
 
     def collate(self, features: list[dict], label_all_tokens: bool = False) -> dict:
         batch = self.pad_inputs(features)
-        T = batch["inputs"]["input_ids"].shape[1]  # noqa: N806
+        T = batch["inputs"]["input_ids"].shape[1]
         left = self.tokenizer.padding_side == "left"
         shift = [T - len(f["word_ids"]) if left else 0 for f in features]
         starts = [[s + sh if s >= 0 else -1 for s in first_subtokens(f["word_ids"], len(f["tokens"]))]
                   for f, sh in zip(features, shift)]
-        W = max(len(s) for s in starts)  # noqa: N806
+        W = max(len(s) for s in starts)
         batch["word_starts"] = torch.tensor([s + [-1] * (W - len(s)) for s in starts])  # (batch, words)
         batch["n_words"] = torch.tensor([len(f["tokens"]) for f in features])
         batch["idx"] = torch.tensor([f["idx"] for f in features])
@@ -346,7 +355,6 @@ class NerDataModule(TaskDataModule):
         if "tags" in ds.column_names:
             lines.append(f"tags read as {self.tag_scheme.upper()}, converted to IOB2 on load: "
                          f"{self.converted[split]:,} tags rewritten (I-X starting an entity → B-X, S/E → B/I)")
-        if "tags" in ds.column_names:
             entities = Counter(self.label_names[t][2:] for tags in ds["tags"] for t in tags if self.label_names[t][:2] == "B-")
             lines.append("entities: " + " / ".join(f"{k} {v:,}" for k, v in sorted(entities.items())))
         cut, empty = ds["words_cut"], ds["words_empty"]
@@ -371,10 +379,15 @@ def word_scores(logits: torch.Tensor, word_starts: torch.Tensor, o_id: int) -> t
     return torch.where((word_starts < 0).unsqueeze(-1), fill, scores)
 
 
+@lru_cache(maxsize=8)
+def _transitions(label_names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    return allowed_transitions(list(label_names))
+
+
 def allowed_transitions(label_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """IOB2 constraints: ``start[j]`` — tag j may open a sentence; ``trans[i, j]`` — tag j may follow tag i.
     ``I-X`` may only follow ``B-X`` or ``I-X``; everything else may follow anything."""
-    C = len(label_names)  # noqa: N806
+    C = len(label_names)
     start = torch.ones(C, dtype=torch.bool)
     trans = torch.ones(C, C, dtype=torch.bool)
     for j, lj in enumerate(label_names):
@@ -387,7 +400,7 @@ def allowed_transitions(label_names: list[str]) -> tuple[torch.Tensor, torch.Ten
 def viterbi_decode(scores: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
     """Best tag path under hard transition constraints. scores (batch, words, C) log-probs; mask (batch, words) true
     on a prefix of each row; start (C,), trans (C, C) booleans. Returns (batch, words) tag ids (past the mask: junk)."""
-    B, W, C = scores.shape  # noqa: N806
+    B, W, C = scores.shape
     start_pen = torch.where(start, 0.0, NEG).to(scores)
     trans_pen = torch.where(trans, 0.0, NEG).to(scores)
     score = scores[:, 0] + start_pen  # (batch, C)
@@ -410,7 +423,7 @@ def decode(scores: torch.Tensor, n_words: torch.Tensor, how: str, label_names: l
     """Word scores → per sentence the tag ids and the probability of each chosen tag (lists cut to each length)."""
     if how == "viterbi":
         mask = torch.arange(scores.size(1), device=scores.device) < n_words.unsqueeze(1)
-        ids = viterbi_decode(scores, mask, *(t.to(scores.device) for t in allowed_transitions(label_names)))
+        ids = viterbi_decode(scores, mask, *(t.to(scores.device) for t in _transitions(tuple(label_names))))
     else:
         ids = scores.argmax(-1)
     probs = scores.gather(-1, ids.unsqueeze(-1)).squeeze(-1).exp()
@@ -494,7 +507,7 @@ class NerModule(TaskModule):
         """
         super().__init__(model_name_or_path, optimizer, scheduler)
         if not label_names:
-            raise TaskheadError("model.label_names is empty: give tagged data or --model.label_names")
+            raise TaskheadError("model.label_names is empty: give tagged data or --data.label_names (the CLI links it to the model)")
         if decoding not in DECODINGS:
             raise TaskheadError(f"model.decoding must be one of {DECODINGS}, got {decoding!r}")
         self.label_names = list(label_names)
@@ -524,6 +537,13 @@ class NerModule(TaskModule):
         self.register_buffer("class_weight", weight, persistent=False)
         self.records: list[tuple] = []  # per evaluated sentence: (idx, gold ids, {decoding: ids}, tokens)
         self.test_artifacts: dict = {}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Tag ids index label_names: a data label order other than the trained one would score garbage, silently.
+        saved = checkpoint.get("hyper_parameters", {}).get("label_names")
+        if saved and list(saved) != self.label_names:
+            raise TaskheadError(f"the checkpoint was trained with label_names {list(saved)}, but the data gives "
+                                f"{self.label_names}: set --data.label_names to the checkpoint's order")
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.head is None:
@@ -610,10 +630,10 @@ class NerModule(TaskModule):
         left = tokenizer.padding_side == "left"
 
         def run(inputs, idx):
-            T = inputs["input_ids"].shape[1]  # noqa: N806
+            T = inputs["input_ids"].shape[1]
             starts = [[s + (T - len(word_ids[i]) if left else 0) if s >= 0 else -1
                        for s in first_subtokens(word_ids[i], len(split[i][0]))] for i in idx]
-            W = max(1, max(len(s) for s in starts))  # noqa: N806
+            W = max(1, max(len(s) for s in starts))
             word_starts = torch.tensor([s + [-1] * (W - len(s)) for s in starts], device=self.device)
             n_words = torch.tensor([len(split[i][0]) for i in idx], device=self.device)
             res = self._entities(self(inputs), word_starts, n_words, [texts[i] for i in idx], [split[i][1] for i in idx])
