@@ -116,11 +116,11 @@ def test_fit_learns_and_writes_run_files(fitted):
 
 
 def test_loss_goes_down(fitted):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run = fitted[0]
-    losses = [e.value for e in EventAccumulator(str(run)).Reload().Scalars("train/loss")]
-    assert len(losses) >= 6 and sum(losses[-3:]) < 0.85 * sum(losses[:3])  # chance level is ln 2 = 0.69
+    """Validation loss of the trained checkpoint vs the same seeded model before training (chance level: ln 2)."""
+    _, best, args, _ = fitted
+    before = float(run_cli(["validate", *args]).trainer.callback_metrics["val/loss"])
+    after = float(run_cli(["validate", *args, "--ckpt_path", best]).trainer.callback_metrics["val/loss"])
+    assert before > 0.6 and after < before - 0.05, (before, after)  # validation is deterministic: no noise to clear
 
 
 def test_test_writes_metrics_confusion_and_mistakes(fitted):

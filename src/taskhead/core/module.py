@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, param_groups
 
@@ -46,6 +47,9 @@ class TaskModule(L.LightningModule):
         self.optim_cfg = as_config(OptimizerConfig, optimizer) or OptimizerConfig()
         self.sched_cfg = as_config(SchedulerConfig, scheduler) or SchedulerConfig()
         self._frozen: bool | None = None
+        # Evaluation loss as a weighted mean over the whole split, synced across ranks once at epoch end: exact under
+        # DDP (a per-step mean of per-rank means is not, when ranks see different batch sizes).
+        self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def save_task_hparams(self, **task_args: Any) -> None:
         """Record every init argument as plain values: checkpoints load with ``weights_only=True`` and export reuses them."""
@@ -83,6 +87,11 @@ class TaskModule(L.LightningModule):
         loss = self.training_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["stats"]["samples"])
         return loss
+
+    def log_eval_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
+        metric = self.eval_loss[stage]
+        metric.update(loss.detach().float(), weight=batch_size)
+        self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
         num_layers = getattr(self.model.config, "num_hidden_layers", None) or 0

@@ -250,7 +250,7 @@ class ClassificationModule(TaskModule):
     def _eval_step(self, batch: dict, stage: str, metrics: MetricCollection) -> torch.Tensor:
         logits = self(batch["inputs"]).float()
         loss = self.loss_fn(logits, batch["labels"], self.class_weight)
-        self.log(f"{stage}/loss", loss, batch_size=batch["stats"]["samples"], sync_dist=True)
+        self.log_eval_loss(stage, loss, batch["stats"]["samples"])
         metrics.update(logits, batch["labels"])
         return logits
 

@@ -341,7 +341,7 @@ class MultipleChoiceModule(TaskModule):
     def _eval_step(self, batch: dict, stage: str, metrics: MetricCollection) -> torch.Tensor:
         logits = self._scores(batch).float()
         loss = self.loss_fn(logits, batch["labels"], self.class_weight)
-        self.log(f"{stage}/loss", loss, batch_size=batch["stats"]["samples"], sync_dist=True)
+        self.log_eval_loss(stage, loss, batch["stats"]["samples"])
         metrics.update(logits, batch["labels"])
         return logits
 

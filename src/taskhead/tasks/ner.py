@@ -559,7 +559,7 @@ class NerModule(TaskModule):
     # -- evaluation: accumulate word-level tags, score at epoch end ---------------------------------------------------
     def _eval_step(self, batch: dict, stage: str) -> None:
         logits = self(batch["inputs"])
-        self.log(f"{stage}/loss", self._loss(logits, batch["labels"]), batch_size=batch["stats"]["samples"], sync_dist=True)
+        self.log_eval_loss(stage, self._loss(logits, batch["labels"]), batch["stats"]["samples"])
         scores = word_scores(logits, batch["word_starts"], self.o_id)
         preds = {how: decode(scores, batch["n_words"], how, self.label_names)[0] for how in DECODINGS}
         keep_tokens = stage == "test"

@@ -167,7 +167,7 @@ class QADataModule(TaskDataModule):
 
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
         qid = str(rec.get("id") or where)
-        name = where if qid in where else f"{where} (question {qid})"
+        name = where if where.endswith(f"question {qid}") else f"{where} (question {qid})"
         question = get_text(rec, "question", name).lstrip()  # leading blanks would only eat the window
         context = get_field(rec, "context", name)
         if not isinstance(context, str) or not context.strip():
@@ -176,8 +176,10 @@ class QADataModule(TaskDataModule):
         if split == "predict":
             return out
         ans = get_field(rec, "answers", name)
-        if isinstance(ans, list):  # JSONL in the SQuAD layout: [{text, answer_start}, ...]
+        if isinstance(ans, list) and all(isinstance(a, dict) for a in ans):  # JSONL in the SQuAD layout: [{text, answer_start}, ...]
             ans = {"text": [a.get("text") for a in ans], "answer_start": [a.get("answer_start") for a in ans]}
+        if not isinstance(ans, dict):
+            raise TaskheadError(f"{name}: 'answers' must be {{text: [...], answer_start: [...]}} or a list of such objects")
         texts, starts = list(ans.get("text") or []), list(ans.get("answer_start") or [])
         if not texts:
             raise TaskheadError(f"{name}: no answers (every question of a {split} split needs at least one)")

@@ -408,7 +408,7 @@ class Seq2SeqModule(TaskModule):
         return texts, token_lengths(new, eos, self.gen_config.pad_token_id), hit_limit(new, eos, self.gen_config.max_new_tokens)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        self.log(f"{stage}/loss", self._loss(batch), batch_size=batch["stats"]["samples"], sync_dist=True)
+        self.log_eval_loss(stage, self._loss(batch), batch["stats"]["samples"])
         keep = list(range(len(batch["idx"])))
         if stage == "val" and self.val_generate_samples is not None:
             keep = [i for i in keep if int(batch["idx"][i]) < self.val_generate_samples]
