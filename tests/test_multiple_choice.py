@@ -19,7 +19,6 @@ from taskhead.tasks.multiple_choice import (
     MultipleChoiceDataModule,
     MultipleChoiceModule,
     encode_choices,
-    pad_choices,
     position_report,
 )
 

@@ -167,8 +167,6 @@ class TaskDataModule(L.LightningDataModule):
 
     # ---- setup: split, subset, tokenise (cached) ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        import datasets
-
         limit = self.tokenizer.model_max_length
         if limit < 1_000_000 and self.hparams.max_length > limit:  # tokenizers without a limit report ~1e30
             raise TaskheadError(f"--data.max_length {self.hparams.max_length} exceeds the model's limit of {limit} tokens")

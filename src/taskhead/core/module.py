@@ -17,7 +17,10 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from taskhead.core.heads import HeadConfig, build_head
+from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, param_groups
+from taskhead.core.pretrained import load_model
 
 EXPORT_CONFIG = "taskhead.json"
 HEAD_WEIGHTS = "head.safetensors"
@@ -28,6 +31,11 @@ def as_config(cls, value):
     if value is None or isinstance(value, cls):
         return value
     return cls(**value)
+
+
+def label_maps(names: list[str]) -> dict:
+    """``num_labels`` / ``id2label`` / ``label2id`` for ``from_pretrained``: the export then names its labels."""
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {k: i for i, k in enumerate(names)}}
 
 
 def plain(value):
@@ -63,6 +71,25 @@ class TaskModule(L.LightningModule):
                 **{k: plain(v) for k, v in task_args.items()},
             }
         )
+
+    # ---- building blocks for subclasses ----------------------------------------------------------------------------
+    def build_model(self, auto_class, head_cfg: HeadConfig | None, out_features: int, **model_kwargs: Any) -> None:
+        """Set ``self.model`` and ``self.head``. ``head_cfg`` None: ``auto_class`` (``AutoModelFor...``) with the
+        backbone family's own head, which exports to ``transformers.pipeline``. Otherwise the bare backbone
+        (``AutoModel``) and ``build_head(head_cfg, hidden_size, out_features)`` beside it."""
+        from transformers import AutoModel
+
+        if head_cfg is None:
+            self.model = load_model(auto_class, self.model_name_or_path, **model_kwargs)
+            self.head = None
+        else:
+            self.model = load_model(AutoModel, self.model_name_or_path)
+            self.head = build_head(head_cfg, self.model.config.hidden_size, out_features)
+
+    def set_loss(self, cfg: LossConfig, label_counts: list[int] | None, num_classes: int) -> None:
+        """``self.loss_fn(logits, target, self.class_weight)``; the weights are a buffer, so they follow the device."""
+        self.loss_fn, weight = build_loss(cfg, label_counts, num_classes)
+        self.register_buffer("class_weight", weight, persistent=False)
 
     # ---- what subclasses provide --------------------------------------------------------------------------------------
     model: torch.nn.Module  # the Hugging Face model; ``self.model.base_model`` is the backbone

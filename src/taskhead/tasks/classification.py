@@ -10,6 +10,7 @@ import heapq
 from collections import Counter
 
 import torch
+from transformers import AutoModelForSequenceClassification
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -21,11 +22,10 @@ from torchmetrics.classification import (
 
 from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
-from taskhead.core.heads import HeadConfig, build_head, pool
-from taskhead.core.losses import LossConfig, build_loss
-from taskhead.core.module import TaskModule, as_config
+from taskhead.core.heads import HeadConfig, pool
+from taskhead.core.losses import LossConfig
+from taskhead.core.module import TaskModule, as_config, label_maps
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.pretrained import load_model
 from taskhead.core.readers import get_field, get_text
 from taskhead.errors import TaskheadError
 
@@ -217,21 +217,9 @@ class ClassificationModule(TaskModule):
         self.save_task_hparams(label_names=self.label_names, label_counts=label_counts, head=self.head_cfg,
                                loss=self.loss_cfg, max_length=max_length, num_mistakes=num_mistakes)
         n = len(self.label_names)
-        if self.head_cfg is None:  # the backbone's own head, e.g. BERT's pooler + classifier
-            from transformers import AutoModelForSequenceClassification
-
-            self.model = load_model(
-                AutoModelForSequenceClassification, model_name_or_path, num_labels=n,
-                id2label=dict(enumerate(self.label_names)), label2id={k: i for i, k in enumerate(self.label_names)},
-            )
-            self.head = None
-        else:
-            from transformers import AutoModel
-
-            self.model = load_model(AutoModel, model_name_or_path)
-            self.head = build_head(self.head_cfg, self.model.config.hidden_size, n)
-        self.loss_fn, weight = build_loss(self.loss_cfg, label_counts, n)
-        self.register_buffer("class_weight", weight, persistent=False)
+        # head: null → the backbone's own head, e.g. BERT's pooler + classifier
+        self.build_model(AutoModelForSequenceClassification, self.head_cfg, n, **label_maps(self.label_names))
+        self.set_loss(self.loss_cfg, label_counts, n)
         self.val_metrics = build_metrics(n)
         self.test_metrics = build_metrics(n)
         self.confusion = MulticlassConfusionMatrix(n)

@@ -11,15 +11,15 @@ import heapq
 from collections import Counter
 
 import torch
+from transformers import AutoModelForMultipleChoice
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from taskhead.core.data import TaskDataModule
-from taskhead.core.heads import HeadConfig, build_head, pool
-from taskhead.core.losses import LossConfig, build_loss
+from taskhead.core.heads import HeadConfig, pool
+from taskhead.core.losses import LossConfig
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.pretrained import load_model
 from taskhead.core.readers import get_field, get_text
 from taskhead.errors import TaskheadError
 
@@ -298,18 +298,9 @@ class MultipleChoiceModule(TaskModule):
         self.max_length, self.num_mistakes = max_length, num_mistakes
         self.save_task_hparams(num_choices=num_choices, label_names=label_names, label_counts=label_counts,
                                head=self.head_cfg, loss=self.loss_cfg, max_length=max_length, num_mistakes=num_mistakes)
-        if self.head_cfg is None:  # the backbone's own head, e.g. BERT's pooler + dropout + Linear(hidden, 1)
-            from transformers import AutoModelForMultipleChoice
-
-            self.model = load_model(AutoModelForMultipleChoice, model_name_or_path)
-            self.head = None
-        else:
-            from transformers import AutoModel
-
-            self.model = load_model(AutoModel, model_name_or_path)
-            self.head = build_head(self.head_cfg, self.model.config.hidden_size, 1)
-        self.loss_fn, weight = build_loss(self.loss_cfg, None, num_choices)
-        self.register_buffer("class_weight", weight, persistent=False)
+        # head: null → the backbone's own head, e.g. BERT's pooler + dropout + Linear(hidden, 1); else ours per choice
+        self.build_model(AutoModelForMultipleChoice, self.head_cfg, 1)
+        self.set_loss(self.loss_cfg, None, num_choices)
         self.val_metrics = build_metrics(num_choices)
         self.test_metrics = build_metrics(num_choices)
         self.confusion = MulticlassConfusionMatrix(num_choices)

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import AutoModelForTokenClassification
 
 from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
-from taskhead.core.heads import HeadConfig, build_head
-from taskhead.core.losses import IGNORE_INDEX, LossConfig, build_loss
-from taskhead.core.module import TaskModule, as_config
+from taskhead.core.heads import HeadConfig
+from taskhead.core.losses import IGNORE_INDEX, LossConfig
+from taskhead.core.module import TaskModule, as_config, label_maps
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.pretrained import load_model
 from taskhead.core.readers import _open_text, get_field, get_text, read_records
 from taskhead.errors import TaskheadError
 
@@ -520,21 +520,9 @@ class NerModule(TaskModule):
         self.save_task_hparams(label_names=self.label_names, label_counts=label_counts, head=self.head_cfg, loss=self.loss_cfg,
                                max_length=max_length, decoding=decoding, num_errors=num_errors)
         n = len(self.label_names)
-        if self.head_cfg is None:  # the backbone's own token head: dropout + linear
-            from transformers import AutoModelForTokenClassification
-
-            self.model = load_model(
-                AutoModelForTokenClassification, model_name_or_path, num_labels=n,
-                id2label=dict(enumerate(self.label_names)), label2id={k: i for i, k in enumerate(self.label_names)},
-            )
-            self.head = None
-        else:
-            from transformers import AutoModel
-
-            self.model = load_model(AutoModel, model_name_or_path)
-            self.head = build_head(self.head_cfg, self.model.config.hidden_size, n)
-        self.loss_fn, weight = build_loss(self.loss_cfg, label_counts, n)
-        self.register_buffer("class_weight", weight, persistent=False)
+        # head: null → the backbone's own token head (dropout + linear); else our head on every token
+        self.build_model(AutoModelForTokenClassification, self.head_cfg, n, **label_maps(self.label_names))
+        self.set_loss(self.loss_cfg, label_counts, n)
         self.records: list[tuple] = []  # per evaluated sentence: (idx, gold ids, {decoding: ids}, tokens)
         self.test_artifacts: dict = {}
 
