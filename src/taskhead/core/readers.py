@@ -28,7 +28,8 @@ def file_format(path: str | Path) -> str:
     return SUFFIXES[suffix]
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> io.TextIOBase:
+    """The whole file (``.gz`` allowed) as text; a missing file or a byte that is not UTF-8 is an error naming the line."""
     if not path.is_file():
         raise TaskheadError(f"{path}: file not found")
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
@@ -46,7 +47,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
     """Yield ``("path:line", record)`` for each record of a JSONL, JSON (a list of objects), CSV or TSV file."""
     path = Path(path)
     fmt = file_format(path)
-    f = _open_text(path)
+    f = open_text(path)
     if fmt == "jsonl":
         for n, line in enumerate(f, start=1):
             if not line.strip():

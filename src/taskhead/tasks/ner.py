@@ -27,7 +27,7 @@ from taskhead.core.heads import HeadConfig
 from taskhead.core.losses import IGNORE_INDEX, LossConfig
 from taskhead.core.module import TaskModule, as_config, label_maps
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.readers import _open_text, get_field, get_text, read_records
+from taskhead.core.readers import open_text, get_field, get_text, read_records
 from taskhead.errors import TaskheadError
 
 # ---- preprocessing --------------------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ def read_conll(path: str | Path) -> Iterator[tuple[str, dict]]:
     columns of each token line, ``lines`` their line numbers; ``width`` is the column count of the file's first token
     line (``width_line``), which every line must match (checked by the DataModule's ``parse_record``).
     """
-    f = _open_text(Path(path))
+    f = open_text(Path(path))
     rows: list[list[str]] = []
     lines: list[int] = []
     width = width_line = None
@@ -66,7 +66,7 @@ def read_conll(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 def read_raw_text(path: str | Path) -> Iterator[tuple[str, dict]]:
     """One raw text per non-blank line (``.txt`` prediction input)."""
-    for n, line in enumerate(_open_text(Path(path)), start=1):
+    for n, line in enumerate(open_text(Path(path)), start=1):
         if line.strip():
             yield f"{path}:{n}", {"text": line.rstrip("\r\n")}
 

@@ -24,11 +24,10 @@ from torch.utils.data import DataLoader
 
 from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
-from taskhead.core.heads import HeadConfig, build_head
+from taskhead.core.heads import HeadConfig
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.pretrained import load_model
-from taskhead.core.readers import _open_text, file_format, get_field, get_text, read_records
+from taskhead.core.readers import open_text, file_format, get_field, get_text, read_records
 from taskhead.errors import TaskheadError
 
 Offsets = Sequence[Sequence[int] | None]  # per token: (char start, char end) in the context, None outside it
@@ -40,7 +39,7 @@ def read_squad_json(path: str) -> Iterator[tuple[str, dict]]:
     """Yield ``("path: question ID", {id, question, context, answers: {text, answer_start}})`` from a SQuAD JSON file
     (``data > paragraphs > qas > answers``). Other JSON layouts (a plain list of records) go to the generic reader."""
     try:
-        data = json.load(_open_text(Path(path)))
+        data = json.load(open_text(Path(path)))
     except json.JSONDecodeError as e:
         raise TaskheadError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     articles = data.get("data") if isinstance(data, dict) else None
@@ -373,16 +372,10 @@ class QAModule(TaskModule):
         self.max_answer_length, self.num_mistakes = max_answer_length, num_mistakes
         self.save_task_hparams(head=self.head_cfg, max_length=max_length, doc_stride=doc_stride, n_best=n_best,
                                max_answer_length=max_answer_length, num_mistakes=num_mistakes)
-        if self.head_cfg is None:  # the backbone family's own span head (qa_outputs): exports as a standard HF model
-            from transformers import AutoModelForQuestionAnswering
+        from transformers import AutoModelForQuestionAnswering
 
-            self.model = load_model(AutoModelForQuestionAnswering, model_name_or_path)
-            self.head = None
-        else:
-            from transformers import AutoModel
-
-            self.model = load_model(AutoModel, model_name_or_path)
-            self.head = build_head(self.head_cfg, self.model.config.hidden_size, 2)  # applied to every token
+        # head None: the family's own span head (qa_outputs), a standard HF export; else a custom head on every token
+        self.build_model(AutoModelForQuestionAnswering, self.head_cfg, 2)
         self.streams: dict[str, dict[int, dict]] = {"val": {}, "test": {}}
         self.test_artifacts: dict = {}
 
@@ -410,7 +403,7 @@ class QAModule(TaskModule):
     def _eval_step(self, batch: dict, stage: str) -> None:
         start, end = self(batch["inputs"])
         if "start_positions" in batch:
-            self.log(f"{stage}/loss", self.span_loss(start, end, batch), batch_size=batch["stats"]["samples"], sync_dist=True)
+            self.log_eval_loss(stage, self.span_loss(start, end, batch), batch["stats"]["samples"])
         stream = self.streams[stage]
         for w, cands in enumerate(self._window_candidates(start, end, batch["inputs"]["attention_mask"], batch["offsets"])):
             ex = stream.setdefault(batch["idx"][w], {"id": batch["id"][w], "question": batch["question"][w],

@@ -22,7 +22,7 @@ from taskhead.core.export import batched_inference
 from taskhead.core.losses import IGNORE_INDEX, LossConfig, build_loss
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.readers import _open_text, get_text, read_records
+from taskhead.core.readers import open_text, get_text, read_records
 from taskhead.errors import TaskheadError
 from taskhead.tasks.seq2seq_models import (
     Architecture,
@@ -57,11 +57,11 @@ def read_parallel(source: str | Path, target: str | Path, source_lang: str, targ
 
     Without the target file (predict) only the source side is yielded. Different line counts are an error.
     """
-    src_lines = _open_text(Path(source)).read().split("\n")
+    src_lines = open_text(Path(source)).read().split("\n")
     src_lines = src_lines[:-1] if src_lines and src_lines[-1] == "" else src_lines
     tgt_lines = None
     if Path(target).is_file():
-        tgt_lines = _open_text(Path(target)).read().split("\n")
+        tgt_lines = open_text(Path(target)).read().split("\n")
         tgt_lines = tgt_lines[:-1] if tgt_lines and tgt_lines[-1] == "" else tgt_lines
         if len(tgt_lines) != len(src_lines):
             raise TaskheadError(
