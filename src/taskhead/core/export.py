@@ -67,7 +67,14 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     task = hparams.pop("_class_path", "")
     if not task.startswith("taskhead."):
         raise TaskheadError(f"{ckpt_path}: not a taskhead checkpoint (its hyper-parameters name no taskhead module)")
-    module = import_object(task)(**hparams)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the pretrained load's "newly initialised head" report is moot: the checkpoint follows
+    try:
+        module = import_object(task)(**hparams)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     module.load_state_dict(ckpt["state_dict"])
     return module.export(out_dir, load_tokenizer(module.model_name_or_path))
 
