@@ -11,21 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, run_taskhead
+
 CONFIGS = ["--config", "configs/imdb.yaml", "--config", "configs/offline/imdb.yaml"]
 
-
-def run(args: list[str]) -> float:
-    cmd = [sys.executable, "-m", "taskhead.cli", *args]
-    print("$", " ".join(cmd[2:]), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.time() - t0
 
 
 def main() -> None:
@@ -44,11 +36,11 @@ def main() -> None:
     ]
     fit_args = ["fit", *common, "--trainer.max_epochs", str(a.epochs), "--data.val_split", "0.04",
                 "--trainer.val_check_interval", "0.5"]
-    fit_s = run(fit_args)
+    fit_s = run_taskhead(fit_args)
     run_dir = sorted((ROOT / "runs" / name).glob("version_*"))[-1]
     best = next((run_dir / "checkpoints").glob("best-*.ckpt"))
     test_args = ["test", *common, "--ckpt_path", str(best.relative_to(ROOT))]
-    test_s = run(test_args)
+    test_s = run_taskhead(test_args)
     test_dir = sorted((ROOT / "runs" / name).glob("version_*"))[-1]
     metrics = json.loads((test_dir / "metrics.json").read_text())
     result = {

@@ -19,12 +19,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, run_taskhead
+
 CONFIGS = ["--config", "configs/squad.yaml", "--config", "configs/offline/squad.yaml"]
 REFERENCES = {  # EM / F1 on SQuAD v1.1 dev, trained on all 87,599 training questions
     "bert-base-uncased (Devlin et al. 2019)": [81.2, 88.5],
@@ -32,13 +31,6 @@ REFERENCES = {  # EM / F1 on SQuAD v1.1 dev, trained on all 87,599 training ques
     "MiniLM-L12-H384 (Wang et al. 2020)": [77.6, 85.7],
 }
 
-
-def run(args: list[str]) -> float:
-    cmd = [sys.executable, "-m", "taskhead.cli", *args]
-    print("$ taskhead", " ".join(args), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.time() - t0
 
 
 def main() -> None:
@@ -70,11 +62,11 @@ def main() -> None:
     if a.max_time:
         fit_args += ["--trainer.max_time", a.max_time]
     t0 = time.time()
-    fit_s = run(fit_args)
+    fit_s = run_taskhead(fit_args)
     run_dir = sorted((ROOT / a.runs / name).glob("version_*"))[-1]
     last = run_dir / "checkpoints" / "last.ckpt"
     test_args = ["test", *common, "--data.max_eval_samples", "null", "--ckpt_path", str(last.relative_to(ROOT))]
-    test_s = run(test_args)
+    test_s = run_taskhead(test_args)
     test_dir = sorted((ROOT / a.runs / name).glob("version_*"))[-1]
     metrics = json.loads((test_dir / "metrics.json").read_text())
     result = {

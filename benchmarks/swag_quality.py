@@ -15,22 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, run_taskhead
+
 CONFIGS = ["--config", "configs/swag.yaml", "--config", "configs/offline/swag.yaml"]
 SWAG_SAMPLE = "../shared/data/swag/sample_val.csv"
 
-
-def run(args: list[str]) -> float:
-    cmd = [sys.executable, "-m", "taskhead.cli", *args]
-    print("$ taskhead", " ".join(args), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.time() - t0
 
 
 def config_lr() -> float:
@@ -64,16 +56,16 @@ def main() -> None:
         common += ["--data.max_eval_samples", str(a.max_eval_samples)]
     t_start = time.time()
     fit_args = ["fit", *common, "--trainer.max_epochs", str(a.epochs), "--data.val_split", str(a.val_split)]
-    fit_s = run(fit_args)
+    fit_s = run_taskhead(fit_args)
     fit_dir = latest_run(name)
     best = next((fit_dir / "checkpoints").glob("best-*.ckpt")).relative_to(ROOT)
     test_args = ["test", *common, "--ckpt_path", str(best)]
-    test_s = run(test_args)
+    test_s = run_taskhead(test_args)
     test_dir = latest_run(name)
     metrics = json.loads((test_dir / "metrics.json").read_text())
     swag_args = ["test", *common, "--ckpt_path", str(best), "--data.train_file", "null", "--data.test_file", SWAG_SAMPLE,
                  "--data.context_field", "sent1", "--data.choices_field", "null"]
-    swag_s = run(swag_args)
+    swag_s = run_taskhead(swag_args)
     swag_dir = latest_run(name)
     swag_metrics = json.loads((swag_dir / "metrics.json").read_text())
     result = {
