@@ -167,9 +167,11 @@ class TaskDataModule(L.LightningDataModule):
 
     # ---- setup: split, subset, tokenise (cached) ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        limit = self.tokenizer.model_max_length
-        if limit < 1_000_000 and self.hparams.max_length > limit:  # tokenizers without a limit report ~1e30
-            raise TaskheadError(f"--data.max_length {self.hparams.max_length} exceeds the model's limit of {limit} tokens")
+        model_limit = self.tokenizer.model_max_length
+        if model_limit < 1_000_000 and self.hparams.max_length > model_limit:  # tokenizers without a limit report ~1e30
+            raise TaskheadError(
+                f"--data.max_length {self.hparams.max_length} exceeds the model's limit of {model_limit} tokens"
+            )
         wanted = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": ["predict"]}[stage]
         raw = dict(self.raw)
         if "validation" in wanted and "validation" not in raw:
