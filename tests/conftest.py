@@ -73,10 +73,10 @@ def review_files(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def cli_args(tiny_bert: str, files: dict[str, str], run_root: Path, *extra: str) -> list[str]:
-    """The shipped IMDB config with the tiny model, small files and a short fp32 CPU run."""
+def cli_args(tiny_bert: str, files: dict[str, str], run_root: Path, *extra: str, config: str = "imdb.yaml") -> list[str]:
+    """A shipped Hub config (IMDB by default) with the tiny model, small files and a short fp32 CPU run."""
     args = [
-        "--config", str(ROOT / "configs/imdb.yaml"),
+        "--config", str(ROOT / "configs" / config),
         "--model.model_name_or_path", tiny_bert,
         "--data.dataset_name", "null",
         "--data.cache_dir", str(run_root / "cache"),

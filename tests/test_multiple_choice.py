@@ -22,7 +22,7 @@ from taskhead.tasks.multiple_choice import (
     position_report,
 )
 
-from conftest import FILLER, NEGATIVE, POSITIVE, ROOT, write_jsonl
+from conftest import FILLER, NEGATIVE, POSITIVE, ROOT, cli_args, write_jsonl
 
 SWAG_SAMPLE = ROOT.parent / "shared/data/swag/sample_val.csv"
 SWAG_HEADER = ",video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,ending2,ending3,label\n"
@@ -173,21 +173,10 @@ def test_heads_score_each_choice(tiny_bert):
 
 
 def mc_args(tiny_bert: str, files: dict[str, str], run_root: Path, *extra: str) -> list[str]:
-    """The shipped SWAG config, generic JSONL fields, the tiny model and a short fp32 CPU run."""
-    args = [
-        "--config", str(ROOT / "configs/swag.yaml"),
-        "--model.model_name_or_path", tiny_bert,
-        "--data.dataset_name", "null", "--data.dataset_config", "null",
-        "--data.context_field", "ctx", "--data.choices_field", "endings",
-        "--data.cache_dir", str(run_root / "cache"),
-        "--data.batch_size", "16", "--data.max_length", "64",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-        "--trainer.logger.init_args.save_dir", str(run_root / "runs"),
-        "--trainer.enable_model_summary", "false",
-    ]
-    for split, path in files.items():
-        args += [f"--data.{split}_file", path]
-    return args + list(extra)
+    """The shipped SWAG config with generic JSONL fields, the tiny model and a short fp32 CPU run."""
+    fields = ["--data.dataset_config", "null", "--data.context_field", "ctx", "--data.choices_field", "endings",
+              "--data.max_length", "64"]
+    return cli_args(tiny_bert, files, run_root, *fields, *extra, config="swag.yaml")
 
 
 @pytest.fixture(scope="module")

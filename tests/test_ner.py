@@ -33,7 +33,7 @@ from taskhead.tasks.ner import (
     word_scores,
 )
 
-from conftest import ROOT, run_taskhead
+from conftest import ROOT, cli_args, run_taskhead
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ner"
 NAMES = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
@@ -91,23 +91,7 @@ def one_thread():
 
 
 def ner_args(tiny_bert: str, files: dict[str, str], root: Path, *extra: str) -> list[str]:
-    """The shipped CoNLL-2003 config with the tiny model, the tiny corpus and a short fp32 CPU run."""
-    args = [
-        "--config", str(ROOT / "configs/conll2003.yaml"),
-        "--model.model_name_or_path", tiny_bert,
-        "--data.dataset_name", "null",
-        "--data.tag_scheme", "iob1",
-        "--data.cache_dir", str(root / "cache"),
-        "--data.batch_size", "16",
-        "--trainer.accelerator", "cpu",
-        "--trainer.devices", "1",
-        "--trainer.precision", "32-true",
-        "--trainer.logger.init_args.save_dir", str(root / "runs"),
-        "--trainer.enable_model_summary", "false",
-    ]
-    for split, path in files.items():
-        args += [f"--data.{split}_file", path]
-    return args + list(extra)
+    return cli_args(tiny_bert, files, root, "--data.tag_scheme", "iob1", *extra, config="conll2003.yaml")
 
 
 def dm_for(tiny_bert, tmp_path, **kw) -> NerDataModule:

@@ -27,7 +27,7 @@ from taskhead.tasks.qa import (
     window_candidates,
 )
 
-from conftest import MINILM, ROOT, write_jsonl
+from conftest import MINILM, cli_args, write_jsonl
 
 # 40 words that are one WordPiece each (checked below), so token positions can be worked out by hand
 WORDS = ("cat dog red blue green sun moon star tree lake river hill road town city house door wall roof floor bread milk "
@@ -246,20 +246,8 @@ def make_squad(path: Path, n: int, seed: int, prefix: str) -> str:
 
 
 def qa_args(tiny_bert: str, files: dict[str, str], root: Path, *extra: str) -> list[str]:
-    args = [
-        "--config", str(ROOT / "configs/squad.yaml"),
-        "--model.model_name_or_path", tiny_bert,
-        "--data.dataset_name", "null",
-        "--data.cache_dir", str(root / "cache"),
-        "--data.batch_size", "16",
-        "--data.max_length", "48", "--data.doc_stride", "16", "--model.doc_stride", "16",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-        "--trainer.logger.init_args.save_dir", str(root / "runs"),
-        "--trainer.enable_model_summary", "false",
-    ]
-    for split, path in files.items():
-        args += [f"--data.{split}_file", path]
-    return args + list(extra)
+    windows = ["--data.max_length", "48", "--data.doc_stride", "16", "--model.doc_stride", "16"]
+    return cli_args(tiny_bert, files, root, *windows, *extra, config="squad.yaml")
 
 
 @pytest.fixture(scope="module")
