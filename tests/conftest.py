@@ -92,7 +92,7 @@ def cli_args(tiny_bert: str, files: dict[str, str], run_root: Path, *extra: str,
     return args + list(extra)
 
 
-def run_taskhead(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_taskhead(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real console entry point in a fresh process (exit codes and stderr as a user sees them)."""
     return subprocess.run([sys.executable, "-m", "taskhead.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=timeout)
+                          cwd=cwd or ROOT, timeout=timeout, env={**os.environ, **(env or {})})

@@ -236,7 +236,8 @@ def test_generators_loss_and_generate(kind, tiny_bert, tiny_llama, tmp_path):
         assert (m.gen_config.decoder_start_token_id, m.gen_config.eos_token_id) == (tok.cls_token_id, tok.sep_token_id)
         assert m.backbone is m.model.encoder
     train = write_jsonl(tmp_path / "t.jsonl", make_pairs(4))
-    dm = dm_for(path, tmp_path, train_file=str(train), validation_file=str(train), architecture=arch)
+    # max_length within the tiny BART/Marian's 128 positions (checked before any data is read)
+    dm = dm_for(path, tmp_path, train_file=str(train), validation_file=str(train), architecture=arch, max_length=128)
     dm.setup("fit")
     batch = dm.collate([dm.datasets["validation"][i] for i in range(4)])
     loss = m.training_loss(batch)

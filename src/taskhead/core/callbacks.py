@@ -14,27 +14,55 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 PACKAGES = ("taskhead", "torch", "lightning", "transformers", "datasets", "tokenizers", "torchmetrics", "jsonargparse")
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
+def replace_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(file)`` into a temp file beside ``path``, fsync, rename over ``path``: readers (and a resume after a
+    kill) see the old file or the new one, never a partial one. The temp name never looks like ``last*.ckpt``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    return replace_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with local files replaced atomically (:func:`replace_atomic`).
+
+    Lightning's own save stages local files in the system temp directory and moves them into place, which is a copy,
+    not a rename, when the two are on different filesystems (a cluster's scratch disk): a kill then can leave a
+    truncated ``last.ckpt``. Remote URLs (``s3://``...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        replace_atomic(path, lambda f: torch.save(checkpoint, f))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -91,6 +119,43 @@ class RunManifest(SaveConfigCallback):
             "config": self.parser.dump(self.config, skip_none=False),
         }
         write_json(run_dir(trainer) / "manifest.json", manifest)
+
+
+class LastCheckpoint(Callback):
+    """``last.ckpt``: the newest training state, for ``--ckpt_path last`` after a crash or a pre-emption.
+
+    Written at the end of every training epoch (after its validation, so the best-score bookkeeping is current) and,
+    with ``every_n_steps``, every that many optimiser steps, mid-epoch included: the checkpoint holds the training
+    loader's position, so a resume continues the epoch. Lightning's ``ModelCheckpoint(save_last=True)`` refreshes
+    ``last.ckpt`` only when it also saves a top-k checkpoint, so after an epoch that did not improve the monitored
+    metric its ``last.ckpt`` is stale; this callback replaces it.
+
+    Args:
+        every_n_steps: Also save every N optimiser steps (pre-emptible jobs). None: at epoch ends only.
+        dirpath: Where to write (default: the ``checkpoint`` callback's directory, ``<run dir>/checkpoints``).
+    """
+
+    FILENAME = "last.ckpt"
+
+    def __init__(self, every_n_steps: int | None = None, dirpath: str | None = None) -> None:
+        self.every_n_steps = every_n_steps
+        self.dirpath = dirpath
+        self._saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        ckpt_cb = trainer.checkpoint_callback
+        dirpath = self.dirpath or getattr(ckpt_cb, "dirpath", None) or run_dir(trainer) / "checkpoints"
+        trainer.save_checkpoint(Path(dirpath) / self.FILENAME)  # every rank calls it; rank 0 writes
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
 
 
 class Throughput(Callback):

@@ -25,10 +25,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from taskhead import __version__
-from taskhead.core.pretrained import load_tokenizer
+from taskhead.core.pretrained import load_pretrained, load_tokenizer
 from taskhead.core.readers import read_records
 from taskhead.core.sampling import LengthGroupedBatchSampler, SortedBatchSampler
-from taskhead.errors import TaskheadError
+from taskhead.errors import TaskheadError, is_out_of_memory
 
 SPLITS = ("train", "validation", "test", "predict")
 # Options that change how batches are drawn, not what the tokenised data is: left out of the cache key.
@@ -85,6 +85,7 @@ class TaskDataModule(L.LightningDataModule):
         self._tokenizer = None
         self.datasets: dict[str, Any] = {}
         self._reported: set[str] = set()
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done in it), from a checkpoint
 
     # ---- task hooks -------------------------------------------------------------------------------------------------
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
@@ -109,7 +110,13 @@ class TaskDataModule(L.LightningDataModule):
 
     # Data facts the CLI links into the model (``model.label_names``, ``model.label_counts``); None when the task
     # has no label set. Tasks with labels override them as properties.
-    label_names: list[str] | None = None
+    @property
+    def label_names(self) -> list[str] | None:
+        """None: no label set. The CLI reads it (linked to ``model.label_names``) before it builds the model or the
+        trainer, so reading and checking every split here stops a bad file or option before any output is written."""
+        _ = self.raw
+        return None
+
     label_counts: list[int] | None = None
 
     # ---- loading ------------------------------------------------------------------------------------------------------
@@ -124,9 +131,34 @@ class TaskDataModule(L.LightningDataModule):
     def data_files(self) -> dict[str, str]:
         return {s: self.hparams[f"{s}_file"] for s in SPLITS if self.hparams[f"{s}_file"]}
 
+    def check_model(self) -> None:
+        """Options that the model cannot honour, found from its tokenizer and config before any weights are loaded:
+        ``max_length`` beyond its positions, or a tokenizer with more tokens than its embedding table has rows."""
+        from transformers import AutoConfig
+
+        name, tok, max_length = self.hparams.model_name_or_path, self.tokenizer, self.hparams.max_length
+        if tok.model_max_length < 1_000_000 and max_length > tok.model_max_length:  # no limit reads as ~1e30
+            raise TaskheadError(f"--data.max_length {max_length} exceeds the model's limit of {tok.model_max_length} tokens")
+        try:
+            config = load_pretrained(AutoConfig, tok.name_or_path)  # the tokenizer's path: GGUF already resolved
+        except (TaskheadError, ValueError):
+            return  # no readable config: loading the model will say why
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        where = f"in the config of '{name}'"
+        positions = getattr(text, "max_position_embeddings", None)
+        if isinstance(positions, int) and max_length > positions:
+            raise TaskheadError(f"--data.max_length {max_length} exceeds the model's limit of {positions} tokens "
+                                f"(max_position_embeddings {where})")
+        rows = getattr(text, "vocab_size", None)
+        if isinstance(rows, int) and len(tok) > rows:
+            raise TaskheadError(f"--model.model_name_or_path {name}: the tokenizer has {len(tok):,} tokens but the model's "
+                                f"embedding table has {rows:,} (vocab_size {where}); use the tokenizer it was trained with")
+
     @cached_property
     def raw(self) -> dict[str, list[dict]]:
-        """Parsed, validated records of every available split (loaded once, on first use)."""
+        """Parsed, validated records of every available split (loaded once, on first use), after ``check_model``."""
+        if self.hparams.model_name_or_path:
+            self.check_model()
         files = self.data_files()
         raw: dict[str, list[dict]] = {}
         if self.hparams.dataset_name:
@@ -167,11 +199,6 @@ class TaskDataModule(L.LightningDataModule):
 
     # ---- setup: split, subset, tokenise (cached) ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        model_limit = self.tokenizer.model_max_length
-        if model_limit < 1_000_000 and self.hparams.max_length > model_limit:  # tokenizers without a limit report ~1e30
-            raise TaskheadError(
-                f"--data.max_length {self.hparams.max_length} exceeds the model's limit of {model_limit} tokens"
-            )
         wanted = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": ["predict"]}[stage]
         raw = dict(self.raw)
         if "validation" in wanted and "validation" not in raw:
@@ -260,6 +287,30 @@ class TaskDataModule(L.LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
         )
 
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning calls this on any error in fit/validate/test/predict: an out-of-memory error gets the two
+        options that set activation memory, with their values, for ``taskhead`` to print."""
+        if is_out_of_memory(exception):
+            bs, ml = self.hparams.batch_size, self.hparams.max_length
+            exception.add_note(
+                f"at --data.batch_size {bs} (eval: {self.hparams.eval_batch_size or 2 * bs}) and --data.max_length {ml}: "
+                "lower one of them (and raise --trainer.accumulate_grad_batches to keep the effective batch size)"
+            )
+
+    # ---- mid-epoch resume -------------------------------------------------------------------------------------------
+    # Checkpoints hold the training loader's position (epoch, batches of it done); a resumed run's sampler skips those
+    # batches. Kept in the DataModule's state because Lightning restores it before the first train_dataloader() call;
+    # a stateful DataLoader's own state would be restored too late here: configure_optimizers asks for
+    # trainer.estimated_stepping_batches, which builds the training loader and its iterator before loop state loads.
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        return {"train_epoch": trainer.current_epoch, "train_batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (state["train_epoch"], state["train_batches_done"]) if state else None
+
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["train"]
         world, rank = self._world()
@@ -269,6 +320,13 @@ class TaskDataModule(L.LightningDataModule):
             sampler = LengthGroupedBatchSampler(
                 np.zeros(len(ds), dtype=np.int64), self.hparams.batch_size, self.hparams.seed, num_replicas=world, rank=rank
             )
+        resume_at, self._resume_at = self._resume_at, None
+        if resume_at is not None:
+            epoch, done = resume_at
+            if done >= len(sampler):  # saved at the epoch's end: the next epoch starts from its first batch
+                sampler.set_epoch(epoch + 1)
+            else:
+                sampler.resume(epoch, done)
         return self._loader("train", sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:

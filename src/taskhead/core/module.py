@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from taskhead.core.heads import HeadConfig, build_head
 from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, param_groups
 from taskhead.core.pretrained import load_model
+from taskhead.errors import TaskheadError
 
 EXPORT_CONFIG = "taskhead.json"
 HEAD_WEIGHTS = "head.safetensors"
@@ -55,6 +57,8 @@ class TaskModule(L.LightningModule):
         self.optim_cfg = as_config(OptimizerConfig, optimizer) or OptimizerConfig()
         self.sched_cfg = as_config(SchedulerConfig, scheduler) or SchedulerConfig()
         self._frozen: bool | None = None
+        self.skipped_batches = 0  # batches whose loss was NaN/inf (model.optimizer.on_nonfinite_loss: skip)
+        self._rng_to_restore: dict | None = None  # set when resuming from a checkpoint
         # Evaluation loss as a weighted mean over the whole split, synced across ranks once at epoch end: exact under
         # DDP (a per-step mean of per-rank means is not, when ranks see different batch sizes).
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
@@ -103,6 +107,8 @@ class TaskModule(L.LightningModule):
         return self.model.base_model
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            self._restore_rng()
         frozen = self.global_step < self.optim_cfg.freeze_backbone_steps
         if frozen != self._frozen:  # flip requires_grad only when the phase changes
             self.backbone.requires_grad_(not frozen)
@@ -110,10 +116,57 @@ class TaskModule(L.LightningModule):
             if self.global_step > 0 or frozen:
                 self.print(f"[optim] step {self.global_step}: backbone {'frozen' if frozen else 'unfrozen'}")
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self.training_loss(batch)
+        if self.optim_cfg.on_nonfinite_loss != "ignore" and not self._all_finite(loss):
+            return self._nonfinite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["stats"]["samples"])
         return loss
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """One host sync; under DDP every rank learns whether any rank's loss is bad, so all skip or stop together."""
+        finite = torch.isfinite(loss.detach())
+        if self.trainer.world_size > 1:
+            finite = self.all_gather(finite).all()
+        return bool(finite)
+
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.optim_cfg.on_nonfinite_loss == "stop":
+            raise TaskheadError(
+                f"{where}: the training loss is {loss.item()}; lower model.optimizer.lr, check the inputs, or set "
+                "model.optimizer.on_nonfinite_loss: skip to skip such batches"
+            )
+        self.skipped_batches += 1
+        self.print(f"[optim] {where}: loss {loss.item()}, batch skipped ({self.skipped_batches} so far)")
+        self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+        return None  # Lightning skips backward and the optimiser step for this batch
+
+    # ---- checkpoint extras: exact mid-epoch resume ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """RNG states (dropout draws continue as if uninterrupted) and the skipped-batch count. Plain tensors, ints
+        and tuples only: the checkpoint still loads with ``weights_only=True``."""
+        checkpoint["taskhead"] = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate(),
+            "skipped_batches": self.skipped_batches,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("taskhead")
+        if state:
+            self.skipped_batches = state["skipped_batches"]
+            # Applied at the first training batch, not now: creating the loaders' iterators draws from the global RNG
+            # (DataLoader's base seed), and the uninterrupted run made those draws before this checkpoint was saved.
+            self._rng_to_restore = state
+
+    def _restore_rng(self) -> None:
+        state, self._rng_to_restore = self._rng_to_restore, None
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
 
     def log_eval_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
         metric = self.eval_loss[stage]

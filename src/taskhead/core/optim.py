@@ -17,6 +17,9 @@ from taskhead.errors import TaskheadError
 # "encoder.layer.3.", "transformer.layer.3.", "layers.3.", "h.3.", "block.3." → 3
 LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block)\.(\d+)\.")
 EMBEDDING_RE = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|wte|wpe|shared)\b")
+# Biases and norm weights get no weight decay. Decided by name, not by ``p.ndim < 2``: under FSDP every parameter is
+# a flat 1-D shard by the time the optimiser is built, and a shape rule would switch weight decay off everywhere.
+NO_DECAY_RE = re.compile(r"(?:^|\.)bias$|norm[^.]*\.weight$|(?:^|\.)ln[^.]*\.weight$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,14 @@ class OptimizerConfig:
     layer_decay: float = 1.0
     """Layer-wise LR decay: layer i of L gets ``lr * layer_decay ** (L - i)``, embeddings ``lr * layer_decay ** L``."""
     weight_decay: float = 0.01
-    """AdamW weight decay; never applied to biases and norm weights (parameters with fewer than 2 dimensions)."""
+    """AdamW weight decay; never applied to biases and norm weights (by name: ``*.bias``, ``*norm*.weight``, ``ln*.weight``)."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     freeze_backbone_steps: int = 0
     """Train only the head for this many optimiser steps, then the whole model at the scheduled LR."""
+    on_nonfinite_loss: Literal["stop", "skip", "ignore"] = "stop"
+    """A NaN/inf training loss: ``stop`` the run naming the step, ``skip`` the batch (counted in
+    ``train/skipped_batches``), or ``ignore`` (no check: saves one host sync per step on GPU)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.layer_decay <= 1.0:
@@ -77,7 +83,7 @@ def param_groups(model: nn.Module, backbone: nn.Module, num_layers: int, cfg: Op
             key, lr = f"backbone.layer_{layer}", cfg.lr * cfg.layer_decay ** max(num_layers - layer, 0)
         else:
             key, lr = "head", head_lr
-        no_decay = p.ndim < 2
+        no_decay = bool(NO_DECAY_RE.search(name))
         key += ".no_decay" if no_decay else ""
         g = groups.setdefault(key, {"name": key, "params": [], "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
         g["params"].append(p)

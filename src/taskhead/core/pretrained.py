@@ -7,6 +7,7 @@ that uses a packaged model resolves on any machine where the package is installe
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from taskhead.errors import TaskheadError
@@ -30,16 +31,28 @@ def resolve_model_path(name_or_path: str) -> str:
         path = Path(name_or_path).expanduser()
         if not path.is_dir():
             raise TaskheadError(f"model directory '{name_or_path}' does not exist")
+        if not (path / "config.json").is_file():  # e.g. a run directory: its export (taskhead export) is the model
+            raise TaskheadError(f"model directory '{name_or_path}' has no config.json: give a directory written by "
+                                "save_pretrained or taskhead export")
         return str(path)
     return name_or_path  # a Hub id: transformers downloads (or reads its cache)
+
+
+def trust_remote_code() -> bool:
+    """Python files shipped with a model (``auto_map`` in its config) run only when the user opts in with
+    ``TASKHEAD_TRUST_REMOTE_CODE=1``: one switch for every load (model, tokenizer, data, export, ``taskhead.load``)."""
+    return os.environ.get("TASKHEAD_TRUST_REMOTE_CODE", "").lower() in ("1", "true", "yes")
 
 
 def load_pretrained(loader, name_or_path: str, **kwargs):
     """``loader.from_pretrained(resolved path, **kwargs)`` with a one-line error when the model cannot be loaded."""
     path = resolve_model_path(name_or_path)
     try:
-        return loader.from_pretrained(path, **kwargs)
-    except OSError as e:
+        return loader.from_pretrained(path, trust_remote_code=trust_remote_code(), **kwargs)
+    except (OSError, ValueError) as e:  # missing files, or files transformers cannot read (unknown model type, ...)
+        if "trust_remote_code" in str(e):
+            raise TaskheadError(f"'{name_or_path}' ships its own Python code (auto_map in its config); it runs only with "
+                                "TASKHEAD_TRUST_REMOTE_CODE=1 set: read that code first") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TaskheadError(f"could not load '{name_or_path}' with {loader.__name__}: {first}") from None
 

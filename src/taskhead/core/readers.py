@@ -55,7 +55,8 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TaskheadError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+                msg = e.msg.removesuffix(" at")  # "Invalid control character at"
+                raise TaskheadError(f"{path}:{n}: malformed JSON ({msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise TaskheadError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
             yield f"{path}:{n}", rec

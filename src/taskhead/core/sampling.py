@@ -22,6 +22,9 @@ class LengthGroupedBatchSampler:
     Seeded by ``seed + epoch`` (call :meth:`set_epoch`), so every rank draws the same permutation and takes its own
     slice. With ``num_replicas > 1`` the batch list is cut to a multiple of ``num_replicas`` (the last, partial round
     is dropped) so that every rank runs the same number of optimiser steps.
+
+    Resumable mid-epoch: :meth:`resume` makes the next pass over ``epoch`` skip the batches already trained on, so
+    a run restarted from a checkpoint sees exactly the batches it would have seen uninterrupted.
     """
 
     def __init__(
@@ -40,12 +43,18 @@ class LengthGroupedBatchSampler:
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, batches already done in it), set by resume()
         # Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` at each epoch start, not on the batch
         # sampler itself: pointing ``sampler`` here makes every epoch draw a new permutation.
         self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue ``epoch`` after its first ``batches_done`` batches (this rank's count)."""
+        self.epoch = epoch
+        self._skip = (epoch, batches_done)
 
     def _all_batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -61,9 +70,14 @@ class LengthGroupedBatchSampler:
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.rank :: self.num_replicas]
+        mine = self._all_batches()[self.rank :: self.num_replicas]
+        if self._skip is not None and self._skip[0] == self.epoch:
+            mine = mine[self._skip[1] :]
+        self._skip = None
+        yield from mine
 
     def __len__(self) -> int:
+        """Batches per epoch (a resumed pass yields fewer: Lightning counts the ones done before)."""
         return -(-len(self.lengths) // self.batch_size) // self.num_replicas
 
 
@@ -82,3 +96,4 @@ class SortedBatchSampler:
 
     def __len__(self) -> int:
         return len(self.batches)
+

@@ -144,11 +144,14 @@ class MultipleChoiceDataModule(TaskDataModule):
         return out
 
     @property
-    def label_names(self) -> None:
-        """None: choices have no label set. The CLI reads it (linked to ``model.label_names``) before building the
-        model, so reading and checking every split here makes a bad file fail before a model is loaded."""
-        _ = self.raw
-        return None
+    def label_counts(self) -> list[int] | None:
+        """Examples per gold position in the first labelled split (linked to ``model.label_counts``): one count per
+        choice, so the model can check ``num_choices`` before training. None when no split has labels (predict)."""
+        labelled = next((rs for s in ("train", "validation", "test") if (rs := self.raw.get(s)) and "label" in rs[0]), None)
+        if labelled is None:
+            return None
+        counts = Counter(r["label"] for r in labelled)
+        return [counts.get(i, 0) for i in range(self.num_choices)]
 
     def check_splits(self, raw: dict[str, list[dict]]) -> None:
         """Every example of every split has the same number of choices; a Hub split without labels is dropped."""
@@ -281,7 +284,8 @@ class MultipleChoiceModule(TaskModule):
             num_choices: Choices per example in the training/evaluation data; sizes the accuracy metrics and is
                 checked against every batch. The scorer itself handles any number (prediction accepts any).
             label_names: Unused (choices have no label set); accepted because the CLI links it for every task.
-            label_counts: Unused likewise.
+            label_counts: Examples per gold position (linked from the data): as many as the data has choices, which
+                must equal ``num_choices``.
             head: A custom per-choice scoring head; ``null`` keeps the backbone's own (``AutoModelForMultipleChoice``).
             loss: Loss over the choices of each example (cross-entropy, label smoothing allowed).
             optimizer: AdamW, learning rates, layer-wise decay, freezing.
@@ -292,6 +296,9 @@ class MultipleChoiceModule(TaskModule):
         super().__init__(model_name_or_path, optimizer, scheduler)
         if num_choices < 2:
             raise TaskheadError(f"model.num_choices must be at least 2, got {num_choices}")
+        if label_counts is not None and len(label_counts) != num_choices:  # checked again on every batch (_scores)
+            raise TaskheadError(f"the data has {len(label_counts)} choices per example but --model.init_args.num_choices "
+                                f"is {num_choices}: set it to {len(label_counts)}")
         self.num_choices = num_choices
         self.head_cfg = as_config(HeadConfig, head)
         self.loss_cfg = as_config(LossConfig, loss) or LossConfig()

@@ -242,11 +242,17 @@ class NerDataModule(TaskDataModule):
             tags = get_field(rec, self.tags_field, where) if split != "predict" else None
             if tags is not None:
                 if not isinstance(tags, list) or len(tags) != len(tokens):
-                    raise TaskheadError(f"{where}: field '{self.tags_field}' must be a list of {len(tokens)} tags (one per word)")
+                    got = len(tags) if isinstance(tags, list) else type(tags).__name__
+                    raise TaskheadError(f"{where}: field '{self.tags_field}' must be a list of {len(tokens)} tags "
+                                        f"(one per word), got {got}")
                 if any(isinstance(t, int) and not isinstance(t, bool) for t in tags):
                     names = self.given_label_names
-                    if not names or not all(isinstance(t, int) and 0 <= t < len(names) for t in tags):
+                    if not names:
                         raise TaskheadError(f"{where}: integer tags need --data.label_names to name them (ids 0..n-1)")
+                    bad = next((t for t in tags if not (isinstance(t, int) and 0 <= t < len(names))), None)
+                    if bad is not None:
+                        raise TaskheadError(f"{where}: field '{self.tags_field}': tag id {bad!r} is outside the {len(names)} "
+                                            f"label_names {names}")
                     tags = [names[t] for t in tags]
         if split == "predict":
             text, offsets = join_words(tokens)
@@ -258,8 +264,10 @@ class NerDataModule(TaskDataModule):
                 raise TaskheadError(f"{at(i)}: tag {tag!r} is not in the {self.tag_scheme.upper()} scheme ({allowed}); "
                                     "set --data.tag_scheme or --data.tag_column")
         iob2 = to_iob2(tags)
-        self.converted[split] += sum(a != b for a, b in zip(tags, iob2))
-        return {"tokens": tokens, "tags": iob2, "where": where, "lines": lines}
+        converted = sum(a != b for a, b in zip(tags, iob2))
+        self.converted[split] += converted
+        # the file's own tags, kept (until check_splits) only to name them in an error
+        return {"tokens": tokens, "tags": iob2, "where": where, "lines": lines, "file_tags": tags if converted else None}
 
     # -- label set --------------------------------------------------------------------------------------------------
     def check_splits(self, raw: dict[str, list[dict]]) -> None:
@@ -281,14 +289,16 @@ class NerDataModule(TaskDataModule):
         index = {n: i for i, n in enumerate(names)}
         for records in raw.values():
             for r in records:
-                lines = r.pop("lines", None)
+                lines, file_tags = r.pop("lines", None), r.pop("file_tags", None)
                 if "tags" not in r:
                     continue
                 for i, tag in enumerate(r["tags"]):
                     if tag not in index:
                         at = f"{r['where'].rsplit(':', 1)[0]}:{lines[i]}" if lines else f"{r['where']}, word {i + 1}"
                         known = "label_names" if self.given_label_names or hub else "the training types"
-                        raise TaskheadError(f"{at}: tag {tag!r} is not in {known} {names}")
+                        was = file_tags[i] if file_tags else tag
+                        read_as = f" (the file's {was!r}, read as {self.tag_scheme.upper()})" if was != tag else ""
+                        raise TaskheadError(f"{at}: tag {tag!r} is not in {known} {names}{read_as}")
                 r["tags"] = [index[t] for t in r["tags"]]
         self._label_names = names
 

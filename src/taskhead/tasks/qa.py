@@ -205,7 +205,8 @@ class QADataModule(TaskDataModule):
             seen: dict[str, str] = {}
             for r in records:
                 if r["id"] in seen:
-                    raise TaskheadError(f"{r['where']}: question id {r['id']} repeats ({seen[r['id']]})")
+                    first = "" if seen[r["id"]] == r["where"] else f" (first at {seen[r['id']]})"
+                    raise TaskheadError(f"{r['where']}: question id {r['id']} repeats{first}; ids must be unique in a split")
                 seen[r["id"]] = r["where"]
             if self.offset_fixes[split]:
                 rank_zero_info(f"[data] {split}: moved answer_start of {self.offset_fixes[split]:,} answers to the "

@@ -128,6 +128,7 @@ class Seq2SeqDataModule(TaskDataModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self._slices: dict[str, slice] = {}
+        self._specs: dict[str, str] = {}  # split key → the file spec as given (path[start:stop]), for messages
 
     @property
     def tokenizer(self):
@@ -147,14 +148,23 @@ class Seq2SeqDataModule(TaskDataModule):
             for n, spec in enumerate(specs):
                 key = split if n == 0 else f"{split}+{n}"
                 files[key], self._slices[key] = parse_file_spec(spec)
+                self._specs[key] = spec
+                target = self._parallel_target(files[key])
+                if split != "predict" and target is not None and not target.is_file():
+                    raise TaskheadError(f"{target}: file not found (the target side of {files[key]} for the {split} split)")
         return files
+
+    def _parallel_target(self, path: str) -> Path | None:
+        """``x.<source_lang>`` → ``x.<target_lang>``; None for files that are not the source side of parallel text."""
+        lang, other = self.hparams.source_lang, self.hparams.target_lang
+        return Path(path).with_suffix(f".{other}") if lang and other and Path(path).suffix == f".{lang}" else None
 
     def read_file(self, path: str) -> Iterator[tuple[str, dict]]:
         lang, other = self.hparams.source_lang, self.hparams.target_lang
         if lang and Path(path).suffix == f".{lang}":
             if not other:
                 raise TaskheadError(f"{path}: a parallel source file needs --data.target_lang")
-            return read_parallel(path, Path(path).with_suffix(f".{other}"), lang, other)
+            return read_parallel(path, self._parallel_target(path), lang, other)
         return read_records(path)
 
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
@@ -166,10 +176,10 @@ class Seq2SeqDataModule(TaskDataModule):
     def check_splits(self, raw: dict[str, list[dict]]) -> None:
         """Apply record slices, then append ``train+N`` to ``train``."""
         for key in list(raw):
-            sl = self._slices.get(key, slice(None))
-            raw[key] = raw[key][sl]
+            n = len(raw[key])
+            raw[key] = raw[key][self._slices.get(key, slice(None))]
             if not raw[key]:
-                raise TaskheadError(f"{key.split('+')[0]} file slice [{sl.start}:{sl.stop}] selects no records")
+                raise TaskheadError(f"{self._specs.get(key, key)}: the slice selects no records (the file has {n:,})")
         for key in sorted(k for k in raw if "+" in k):
             raw.setdefault(key.split("+")[0], []).extend(raw.pop(key))
 

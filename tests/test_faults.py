@@ -1,0 +1,144 @@
+"""Faults a long run must survive or explain: SIGKILL mid-epoch then ``--ckpt_path last``; NaN/inf losses (stop
+naming the step, or skip and count); out-of-memory errors naming the options to lower."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from taskhead.cli import main
+from taskhead.tasks.classification import ClassificationModule
+
+from conftest import ROOT, cli_args, run_taskhead
+
+# 192 reviews, 10 % held out → 173 training examples → 11 batches of 16 per epoch (the shipped config: 2 epochs)
+STEPS_PER_EPOCH, EPOCHS = 11, 2
+
+
+class KillAtStep(Callback):
+    """SIGKILL this process once ``global_step`` reaches ``step`` (no cleanup, no exception handlers run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def last_checkpoint(root, name: str = "last.ckpt") -> dict:
+    path, = (root / "runs").rglob(name)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def final_val_acc(ckpt: dict) -> float:
+    state, = (v for k, v in ckpt["callbacks"].items() if "'monitor': 'val/acc'" in k)
+    return float(state["current_score"])  # the last validation's value
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_bert, review_files, tmp_path):
+    files = {"train": review_files["train"]}
+    fast = ("--last_checkpoint.every_n_steps", "3", "--model.optimizer.lr", "3e-3", "--model.scheduler.warmup_ratio", "0",
+            "--trainer.max_epochs", "4")
+    env_path = {"PYTHONPATH": str(ROOT / "tests")}
+
+    straight = tmp_path / "straight"
+    proc = run_taskhead("fit", *cli_args(tiny_bert, files, straight, *fast))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    args = cli_args(tiny_bert, files, killed, *fast)
+    kill = '{"class_path": "test_faults.KillAtStep", "init_args": {"step": 16}}'
+    proc = run_taskhead("fit", *args, f"--trainer.callbacks+={kill}", env=env_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    at_kill = last_checkpoint(killed)
+    assert at_kill["global_step"] == 15  # written at step 15, mid-way through epoch 2 (steps 12–22 of 44)
+    assert at_kill["ClassificationDataModule"] == {"train_epoch": 1, "train_batches_done": 4}
+    assert not list(killed.rglob("*.tmp"))  # nothing half-written: checkpoints land by rename
+
+    proc = run_taskhead("fit", *args, "--ckpt_path", "last")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[resume] --ckpt_path last" in proc.stderr
+    resumed, reference = last_checkpoint(killed), last_checkpoint(straight)  # one version dir: the run continued
+
+    assert resumed["global_step"] == reference["global_step"] == STEPS_PER_EPOCH * 4
+    assert final_val_acc(reference) > 0.6  # it learned something, so the comparison can fail
+    assert final_val_acc(resumed) == pytest.approx(final_val_acc(reference), abs=1e-3)
+    # same batches in the same order with the same dropout draws: the weights match, not just the metric
+    for name, value in reference["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resume_with_nothing_to_resume_starts_fresh(tiny_bert, review_files, tmp_path):
+    args = cli_args(tiny_bert, {"train": review_files["train"]}, tmp_path, "--trainer.max_steps", "2", "--ckpt_path", "last")
+    proc = run_taskhead("fit", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no last.ckpt under" in proc.stderr and "starting a new run" in proc.stderr
+
+
+@pytest.fixture
+def loss_at(monkeypatch):
+    """Replace the training loss of chosen batches (by index within the epoch) with a value or an exception."""
+
+    def patch(batches: set[int], outcome) -> None:
+        real = ClassificationModule.training_loss
+        seen = {"i": -1}
+
+        def training_loss(self, batch):
+            loss = real(self, batch)
+            seen["i"] += 1
+            if seen["i"] % STEPS_PER_EPOCH not in batches:
+                return loss
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return loss * outcome
+
+        monkeypatch.setattr(ClassificationModule, "training_loss", training_loss)
+
+    return patch
+
+
+def run_fit(args, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *args])
+        raise SystemExit(0)
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_nan_loss_stops_naming_the_step(tiny_bert, review_files, tmp_path, loss_at, capsys):
+    loss_at({3}, float("nan"))
+    code, err = run_fit(cli_args(tiny_bert, {"train": review_files["train"]}, tmp_path), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "taskhead: error: step 3 (epoch 0, batch 3): the training loss is nan" in err
+    assert "on_nonfinite_loss: skip" in err
+
+
+def test_inf_loss_skipped_and_counted(tiny_bert, review_files, tmp_path, loss_at, capsys):
+    loss_at({3, 7}, float("inf"))
+    args = cli_args(tiny_bert, {"train": review_files["train"]}, tmp_path, "--model.optimizer.on_nonfinite_loss", "skip")
+    code, err = run_fit(args, capsys)
+    assert code == 0, err
+    ckpt = last_checkpoint(tmp_path)
+    assert ckpt["taskhead"]["skipped_batches"] == 2 * EPOCHS
+    # Lightning still counts the step (the LR schedule advances) but no parameter moves: AdamW skips gradient-less ones
+    assert ckpt["global_step"] == STEPS_PER_EPOCH * EPOCHS
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.77 GiB total capacity)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 25769803776 bytes."),
+], ids=["cuda", "cpu"])
+def test_out_of_memory_names_batch_size_and_max_length(error, tiny_bert, review_files, tmp_path, loss_at, capsys):
+    loss_at({1}, error)
+    code, err = run_fit(cli_args(tiny_bert, {"train": review_files["train"]}, tmp_path, "--data.max_length", "64"), capsys)
+    assert code == 2 and "Traceback" not in err
+    line, = err.strip().splitlines()[-1:]
+    assert line.startswith("taskhead: error: out of memory (")
+    assert "--data.batch_size 16 (eval: 32) and --data.max_length 64" in line
+    assert "--trainer.accumulate_grad_batches" in line
