@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, layer_index, param_groups
 from taskhead.tasks.classification import ClassificationModule
@@ -72,3 +73,35 @@ def test_groups_keep_their_ratio_under_the_schedule(module):
         sched.step()
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["head"] == pytest.approx(5e-4) and lrs["backbone.layer_0"] == pytest.approx(1.25e-5)
+
+
+
+class GradNorms(Callback):
+    """Total gradient norm after each optimiser step (Lightning zeroes gradients only before the next step)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        grads = [p.grad.float() for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fused_adamw_with_gradient_clipping(precision, tiny_bert, review_files, tmp_path):
+    """Lightning refuses to clip for a fused optimizer under bf16 autocast; TaskModule clips it itself (no scaler)."""
+    from taskhead.cli import run_cli
+
+    from conftest import cli_args
+
+    def fit(clip: str):
+        args = cli_args(tiny_bert, {"train": review_files["train"]}, tmp_path / clip, "--trainer.max_steps", "3",
+                        "--trainer.precision", precision, "--trainer.gradient_clip_val", clip,
+                        '--trainer.callbacks+={"class_path": "test_optim.GradNorms"}')
+        cli = run_cli(["fit", *args])
+        assert cli.trainer.optimizers[0].defaults["fused"] is True
+        return next(cb for cb in cli.trainer.callbacks if isinstance(cb, GradNorms)).norms
+
+    unclipped, clipped = fit("1000"), fit("0.001")
+    assert len(clipped) == 3 and min(unclipped) > 0.01  # clipping at 1e-3 has something to clip
+    assert max(clipped) == pytest.approx(1e-3, rel=1e-2)

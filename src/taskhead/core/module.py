@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torchmetrics import MeanMetric
 
 from taskhead.core.heads import HeadConfig, build_head
@@ -178,10 +179,25 @@ class TaskModule(L.LightningModule):
         # Every parameter starts trainable here, so the groups are fixed for the run even if the backbone starts frozen.
         self.backbone.requires_grad_(True)
         groups = param_groups(self, self.backbone, num_layers, self.optim_cfg)
-        optimizer = build_optimizer(groups, self.optim_cfg)
+        optimizer = build_optimizer(groups, self.optim_cfg, fused=self._unscaled_precision())
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(optimizer, self.sched_cfg, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning does, also for the fused AdamW under bf16 autocast: Lightning's mixed-precision plugin
+        refuses to clip for any optimizer that can unscale gradients itself, but without a loss scaler (bf16, fp32)
+        there is nothing to unscale and clipping the gradients directly is exact."""
+        if gradient_clip_val and self._unscaled_precision():
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _unscaled_precision(self) -> bool:
+        """fp32 or bf16 autocast on a plain (unsharded) strategy: gradients need no unscaling, so the fused AdamW and
+        clipping it directly are safe. fp16 (loss scaler) and the FSDP/DeepSpeed plugins keep Lightning's own path."""
+        plugin = self.trainer.precision_plugin
+        return type(plugin) in (Precision, MixedPrecision) and getattr(plugin, "scaler", None) is None
 
     # ---- export -------------------------------------------------------------------------------------------------------
     def head_state_dict(self) -> dict[str, torch.Tensor]:

@@ -90,8 +90,17 @@ def param_groups(model: nn.Module, backbone: nn.Module, num_layers: int, cfg: Op
     return list(groups.values())
 
 
-def build_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+def build_optimizer(groups: list[dict], cfg: OptimizerConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel for all parameters) wherever torch has the kernel for the parameters' device and dtype:
+    on CPU the default for-loop AdamW takes ~6x longer per step (88 vs 14 ms for MiniLM's 22.7M parameters, measured),
+    a few % of a training step. Falls back to the default where fused is refused (e.g. sharded parameter types)."""
+    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int):
