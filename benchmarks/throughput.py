@@ -137,6 +137,8 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated names, prefixes or globs (e.g. train-imdb,matmul)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and OMP/MKL) in every measurement")
     p.add_argument("--out", default=None, help="output prefix (default: benchmarks/results/throughput[-quick|-partial])")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs of each training measurement, round-robin, pooled (default: 2; 1 with --quick)")
     p.add_argument("--keep-work", action="store_true", help="keep the temporary work directory (inputs, exports, logs)")
     p.add_argument("--list", action="store_true", help="list the selected measurements with time estimates, and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -147,11 +149,14 @@ def main() -> None:
         child(a.one, Path(a.work), a.threads, Path(a.result))
         return
     names = select(a.only.split(",") if a.only else None, quick=a.quick)
+    a.repeats = a.repeats or (1 if a.quick else 2)
     s = settings_for(a.quick)
     if a.list:
+        reps = {n: a.repeats if n.startswith("train-") else 1 for n in names}
         for n in names:
-            print(f"{n:34s} ~{estimate_seconds(n, s, a.threads):4.0f} s")
-        print(f"{'total (with preparation)':34s} ~{(sum(estimate_seconds(n, s, a.threads) for n in names) + 40) / 60:4.1f} min")
+            print(f"{n:34s} ~{estimate_seconds(n, s, a.threads) * reps[n]:4.0f} s" + (f" ({reps[n]} runs)" if reps[n] > 1 else ""))
+        total = sum(estimate_seconds(n, s, a.threads) * reps[n] for n in names) + 40
+        print(f"{'total (with preparation)':34s} ~{total / 60:4.1f} min")
         return
     default_out = "throughput-quick" if a.quick else ("throughput-partial" if a.only else "throughput")
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / default_out
@@ -170,13 +175,13 @@ def main() -> None:
 
 def run_all(a, names: list[str], s: dict, out: Path, work: Path) -> None:
     estimates = {n: estimate_seconds(n, s, a.threads) for n in names}
-    total_est = sum(estimates.values()) + 40  # + preparing inputs and exports
+    total_est = sum(v * (a.repeats if n.startswith("train-") else 1) for n, v in estimates.items()) + 40  # + inputs, exports
     print(f"[throughput] {len(names)} measurements ({s['mode']}, {a.threads} threads); estimated {total_est / 60:.0f} min "
           f"on {min(a.threads, 2)} idle cores. Work dir {work}; children's output in {out.with_suffix('.log')}", flush=True)
     started = time.time()
     doc = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "mode": s["mode"], "threads": a.threads, "selected": names, "settings": s,
+        "mode": s["mode"], "threads": a.threads, "repeats": a.repeats, "selected": names, "settings": s,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {**machine(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "versions": versions(), "git": git_state(), "estimate_s": {"total": total_est, **estimates}, "measurements": {},
@@ -187,15 +192,20 @@ def run_all(a, names: list[str], s: dict, out: Path, work: Path) -> None:
             raise SystemExit(f"[throughput] preparing inputs failed: {prep['error']} ({out.with_suffix('.log')})")
         doc["inputs"] = prep["result"]["data"]
         print(f"[throughput] inputs and exports ready ({prep['process_wall_s']:.0f} s)", flush=True)
+        # Training runs are short windows on a shared machine: run them a.repeats times, round-robin (so a slow
+        # minute hits every variant alike), and pool each variant's repeats into one longer measurement.
+        plan = names + [n for _ in range(a.repeats - 1) for n in names if n.startswith("train-")]
+        runs: dict[str, list[dict]] = {}
         spent = estimated = 0.0
-        for i, name in enumerate(names, 1):
+        for i, name in enumerate(plan, 1):
             r = run_child(name, work, a.threads, log)
-            doc["measurements"][name] = r
+            runs.setdefault(name, []).append(r)
             spent, estimated = spent + r["process_wall_s"], estimated + estimates[name]
-            left = sum(estimates[n] for n in names[i:]) * spent / estimated  # the remaining estimate, rescaled
+            left = sum(estimates[n] for n in plan[i:]) * spent / estimated  # the remaining estimate, rescaled
             status = r.get("error") or headline(r["result"])
-            print(f"[throughput] {i:2d}/{len(names)} {name:32s} {r['process_wall_s']:5.0f} s (est. {estimates[name]:3.0f}, "
+            print(f"[throughput] {i:2d}/{len(plan)} {name:32s} {r['process_wall_s']:5.0f} s (est. {estimates[name]:3.0f}, "
                   f"~{left / 60:4.1f} min left)  RSS {r.get('peak_rss_mb', 0):5.0f} MB  {status}", flush=True)
+        doc["measurements"] = {n: pool(rs) for n, rs in runs.items()}
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["wall_s"] = time.time() - started
     doc["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -203,6 +213,29 @@ def run_all(a, names: list[str], s: dict, out: Path, work: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(markdown(doc))
     print(f"[throughput] done in {doc['wall_s'] / 60:.1f} min: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+
+
+def pool(runs: list[dict]) -> dict:
+    """Repeats of one measurement as one: training windows summed (rates recomputed from the totals), each repeat's
+    real tokens/s kept in ``repeats_tokens_per_s``; other measurements ran once."""
+    failed = [r for r in runs if "error" in r]
+    if failed or len(runs) == 1:
+        return (failed or runs)[0]
+    ok, rs = runs, [r["result"] for r in runs]
+    res = dict(rs[0])
+    for k in ("measured_s", "samples", "tokens", "padded_tokens", "measured_steps"):
+        res[k] = sum(r[k] for r in rs)
+    sec = res["measured_s"]
+    res.update(samples_per_s=res["samples"] / sec, tokens_per_s=res["tokens"] / sec, padded_tokens_per_s=res["padded_tokens"] / sec,
+               padding_share=1.0 - res["tokens"] / max(res["padded_tokens"], 1),
+               model_flops_per_s=sum(r["model_flops_per_s"] * r["measured_s"] for r in rs) / sec,
+               padded_flops_per_s=sum(r["padded_flops_per_s"] * r["measured_s"] for r in rs) / sec,
+               repeats_tokens_per_s=[r["tokens_per_s"] for r in rs], repeats_samples_per_s=[r["samples_per_s"] for r in rs],
+               steps=[r["steps"] for r in rs])
+    if "phases_s" in rs[0]:
+        res["phases_s"] = {k: sum(r["phases_s"][k] for r in rs) for k in rs[0]["phases_s"]}
+    return {**ok[0], "result": res, "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in ok),
+            "process_wall_s": sum(r["process_wall_s"] for r in ok), "repeats": len(ok)}
 
 
 def headline(r: dict) -> str:

@@ -250,6 +250,12 @@ def notes(doc: dict) -> list[str]:
             "taskhead runs its CLI as shipped (TensorBoard logger into a temp dir, progress bar, Throughput and LR "
             "callbacks); only validation (`limit_val_batches 0`) and top-k checkpoints are off.",
         ]
+        reps = {n: m["result"]["repeats_tokens_per_s"] for n, m in doc["measurements"].items()
+                if "repeats_tokens_per_s" in m.get("result", {})}
+        if reps:
+            out.append(f"Each training row pools {doc.get('repeats', 1)} runs made round-robin (all variants, then all "
+                       "again); the spread between runs is the noise to read the ratios against. Real tokens/s per run: "
+                       + "; ".join(f"{n.removeprefix('train-')} " + " / ".join(f"{x:,.0f}" for x in v) for n, v in reps.items()) + ".")
     if summ["prediction"]:
         out.append("Prediction outputs: IMDB compares the top label. NER compares entity lists, but the pipeline "
                    "(`aggregation_strategy='simple'`) groups sub-token predictions while taskhead tags words by their "

@@ -28,19 +28,48 @@ def file_format(path: str | Path) -> str:
     return SUFFIXES[suffix]
 
 
+class Utf8Text(io.TextIOWrapper):
+    """A file decoded as it is read, so no whole-file copy is ever held (a 33 MB JSONL of reviews would be held three
+    times over: bytes, text, and a StringIO at up to 4 bytes a character). A byte that is not UTF-8 becomes an error
+    naming its line, found by re-reading the raw bytes: only on that error path."""
+
+    def __init__(self, path: Path, binary) -> None:
+        super().__init__(binary, encoding="utf-8-sig", newline="")
+        self.path = path
+
+    def __next__(self) -> str:
+        try:
+            return super().__next__()
+        except UnicodeDecodeError:
+            raise self._error() from None
+
+    def read(self, size: int | None = -1) -> str:
+        try:
+            return super().read(size)
+        except UnicodeDecodeError:
+            raise self._error() from None
+
+    def _error(self) -> TaskheadError:
+        with _open_binary(self.path) as f:
+            data = f.read()
+        try:
+            data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            return TaskheadError(f"{self.path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})")
+        return TaskheadError(f"{self.path}: not valid UTF-8")
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
 def open_text(path: Path) -> io.TextIOBase:
-    """The whole file (``.gz`` allowed) as text; a missing file or a byte that is not UTF-8 is an error naming the line."""
+    """The file (``.gz`` allowed) as text, decoded as it is read; a missing file or a byte that is not UTF-8 is an
+    error naming the file (and the line)."""
     if not path.is_file():
         raise TaskheadError(f"{path}: file not found")
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    data = raw.read()
-    raw.close()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise TaskheadError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
-    return io.StringIO(text, newline="")
+    return Utf8Text(path, _open_binary(path))
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
