@@ -37,7 +37,7 @@ class TaskheadCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path")
         if ckpt not in (None, "last", "best", "hpc") and "://" not in ckpt and not Path(ckpt).is_file():
             raise TaskheadError(f"{ckpt}: file not found (--ckpt_path)")  # before any run directory is made
-        if cfg.get("ckpt_path") == "last" and cfg.checkpoint.dirpath is None and cfg.last_checkpoint.dirpath is None:
+        if ckpt == "last" and cfg.checkpoint.dirpath is None and cfg.last_checkpoint.dirpath is None:
             if resolve_last_checkpoint(cfg, resume=self.subcommand == "fit"):
                 self.save_config_kwargs["overwrite"] = True  # the resumed run's config.yaml replaces the first one's
 
