@@ -27,3 +27,33 @@ def test_ddp_validation_equals_single_process(tiny_bert, tmp_path):
     assert set(results[1]) == set(results[2]) and "val/acc" in results[1]
     for key, value in results[1].items():
         assert results[2][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_local_rank_zero_tokenises_once_for_all_ranks(tiny_bert, review_files, tmp_path, monkeypatch):
+    """Under DDP, prepare_data (local rank 0, while the other ranks wait) fills the tokenisation cache; every rank's
+    setup then reads it, and rank 0's own setup does not build the splits a second time."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from taskhead.tasks.classification import ClassificationDataModule
+
+    calls = []
+    real = ClassificationDataModule.encode
+    monkeypatch.setattr(ClassificationDataModule, "encode", lambda self, batch: calls.append(len(batch["text"])) or real(self, batch))
+
+    def datamodule():
+        dm = ClassificationDataModule(model_name_or_path=tiny_bert, train_file=review_files["train"],
+                                      label_names=["neg", "pos"], cache_dir=str(tmp_path / "cache"))
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=0, state=SimpleNamespace(fn=TrainerFn.FITTING))
+        return dm
+
+    rank0 = datamodule()
+    rank0.prepare_data()
+    assert sum(calls) == 192  # train + held-out validation, tokenised once
+    rank0.setup("fit")
+    other = datamodule()
+    other.setup("fit")
+    assert sum(calls) == 192  # neither rank tokenises again
+    assert len(other.datasets["train"]) == len(rank0.datasets["train"])
+    assert len(rank0.datasets["train"]) + len(rank0.datasets["validation"]) == 192

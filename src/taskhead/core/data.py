@@ -198,8 +198,18 @@ class TaskDataModule(L.LightningDataModule):
         return out
 
     # ---- setup: split, subset, tokenise (cached) ----------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Under DDP, local rank 0 of each node tokenises what this stage needs into the cache while the other ranks
+        wait at Lightning's barrier; their ``setup`` then reads the cache instead of tokenising the same data again."""
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            self.setup(trainer.state.fn.value)
+
     def setup(self, stage: str) -> None:
         wanted = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": ["predict"]}[stage]
+        wanted = [s for s in wanted if s not in self.datasets]  # built already (prepare_data on this rank)
+        if not wanted:
+            return
         raw = dict(self.raw)
         if "validation" in wanted and "validation" not in raw:
             if "train" not in raw:
