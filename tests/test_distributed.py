@@ -57,3 +57,25 @@ def test_local_rank_zero_tokenises_once_for_all_ranks(tiny_bert, review_files, t
     assert sum(calls) == 192  # neither rank tokenises again
     assert len(other.datasets["train"]) == len(rank0.datasets["train"])
     assert len(rank0.datasets["train"]) + len(rank0.datasets["validation"]) == 192
+
+
+def test_too_few_eval_batches_for_the_ranks_is_one_clear_error(tiny_bert, review_files, tmp_path):
+    """19 held-out examples in one batch of 32 leave a second rank nothing: Lightning would raise its own zero-length
+    error on that rank alone; every rank raises this instead."""
+    from types import SimpleNamespace
+
+    from taskhead.errors import TaskheadError
+    from taskhead.tasks.classification import ClassificationDataModule
+
+    dm = ClassificationDataModule(model_name_or_path=tiny_bert, train_file=review_files["train"], label_names=["neg", "pos"],
+                                  cache_dir=str(tmp_path / "cache"), batch_size=16)
+    dm.setup("fit")
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        with pytest.raises(TaskheadError, match=r"the validation split has 20 examples: 1 batch\(es\) of "
+                                                 r"--data.eval_batch_size 32 cannot give each of the 2 ranks one; "
+                                                 r"set --data.eval_batch_size 10 or less"):
+            dm.val_dataloader()
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    dm.hparams.eval_batch_size = 10
+    assert len(dm.val_dataloader()) == 1

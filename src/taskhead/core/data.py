@@ -342,6 +342,12 @@ class TaskDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         world, rank = self._world()
         bs = self.hparams.eval_batch_size or 2 * self.hparams.batch_size
+        n = len(self.datasets[split])
+        if -(-n // bs) < world:  # the same test on every rank: all stop with this message, none waits in a collective
+            raise TaskheadError(
+                f"the {split} split has {n:,} examples: {-(-n // bs)} batch(es) of --data.eval_batch_size {bs} cannot "
+                f"give each of the {world} ranks one; set --data.eval_batch_size {max(n // world, 1)} or less"
+            )
         return self._loader(split, SortedBatchSampler(self.datasets[split]["length"], bs, num_replicas=world, rank=rank))
 
     def val_dataloader(self) -> DataLoader:
