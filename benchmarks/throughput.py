@@ -21,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput_lib import ROOT, estimate_seconds, peak_rss_mb, select, set_threads, settings_for  # noqa: E402
 from throughput_report import build_summary, markdown  # noqa: E402
+
+from taskhead.core.callbacks import package_versions  # noqa: E402
 
 PACKAGES = ("taskhead", "torch", "lightning", "transformers", "accelerate", "datasets", "tokenizers", "jsonargparse", "numpy")
 CHILD_TIMEOUT_S = 1200
@@ -74,16 +75,6 @@ def machine() -> dict:
     except OSError:
         pass
     return info
-
-
-def versions() -> dict:
-    out = {}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def git_state() -> dict:
@@ -184,7 +175,7 @@ def run_all(a, names: list[str], s: dict, out: Path, work: Path) -> None:
         "mode": s["mode"], "threads": a.threads, "repeats": a.repeats, "selected": names, "settings": s,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {**machine(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
-        "versions": versions(), "git": git_state(), "estimate_s": {"total": total_est, **estimates}, "measurements": {},
+        "versions": package_versions(PACKAGES), "git": git_state(), "estimate_s": {"total": total_est, **estimates}, "measurements": {},
     }
     with open(out.with_suffix(".log"), "w") as log:
         prep = run_child("prep", work, a.threads, log)
@@ -221,7 +212,7 @@ def pool(runs: list[dict]) -> dict:
     failed = [r for r in runs if "error" in r]
     if failed or len(runs) == 1:
         return (failed or runs)[0]
-    ok, rs = runs, [r["result"] for r in runs]
+    rs = [r["result"] for r in runs]
     res = dict(rs[0])
     for k in ("measured_s", "samples", "tokens", "padded_tokens", "measured_steps"):
         res[k] = sum(r[k] for r in rs)
@@ -234,8 +225,8 @@ def pool(runs: list[dict]) -> dict:
                steps=[r["steps"] for r in rs])
     if "phases_s" in rs[0]:
         res["phases_s"] = {k: sum(r["phases_s"][k] for r in rs) for k in rs[0]["phases_s"]}
-    return {**ok[0], "result": res, "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in ok),
-            "process_wall_s": sum(r["process_wall_s"] for r in ok), "repeats": len(ok)}
+    return {**runs[0], "result": res, "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in runs),
+            "process_wall_s": sum(r["process_wall_s"] for r in runs), "repeats": len(runs)}
 
 
 def headline(r: dict) -> str:

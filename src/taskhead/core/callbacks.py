@@ -84,6 +84,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def package_versions(names) -> dict[str, str | None]:
+    """Installed version of each distribution (None where it is not installed)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def git_commit(cwd: str | Path) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
@@ -100,19 +111,13 @@ class RunManifest(SaveConfigCallback):
             return
         dm = trainer.datamodule
         files = dm.data_files() if hasattr(dm, "data_files") else {}
-        versions = {}
-        for pkg in PACKAGES:
-            try:
-                versions[pkg] = metadata.version(pkg)
-            except metadata.PackageNotFoundError:
-                versions[pkg] = None
         manifest = {
             "stage": stage,
             "command": sys.argv,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "packages": versions,
+            "packages": package_versions(PACKAGES),
             "seed": self.config.get("seed_everything"),
             "data_files": {s: {"path": str(p), "sha256": sha256_file(p)} for s, p in files.items()},
             "git_commit": {"cwd": git_commit(Path.cwd()), "taskhead": git_commit(Path(__file__).parent)},
