@@ -46,7 +46,7 @@ def main() -> None:
         *CONFIGS,
         "--trainer.precision", args.precision,
         "--trainer.accelerator", args.accelerator,
-        "--trainer.logger.init_args.name", args.name,
+        "--name", args.name,
         "--model.decoding", args.decoding,
         "--model.optimizer.lr", str(args.lr),
         "--data.batch_size", str(args.batch_size),

@@ -54,7 +54,7 @@ def main(task: str) -> None:
     from taskhead.cli import run_cli
 
     base = ["--config", f"configs/{task}.yaml", "--config", f"configs/offline/{task}.yaml",
-            "--trainer.logger.init_args.save_dir", "runs/quality", "--trainer.enable_model_summary", "false",
+            "--trainer.default_root_dir", "runs/quality", "--trainer.enable_model_summary", "false",
             *SHRINK[task]]
     t0 = time.time()
     fit = run_cli(["fit", *base])

@@ -48,8 +48,8 @@ def main() -> None:
     a = p.parse_args()
     name = f"squad-quality-{int(time.time())}"
     common = CONFIGS + [
-        "--trainer.logger.init_args.save_dir", a.runs,
-        "--trainer.logger.init_args.name", name,
+        "--trainer.default_root_dir", a.runs,
+        "--name", name,
         "--data.cache_dir", f"{a.runs}/cache",
         "--data.max_length", str(a.max_length),
         "--data.doc_stride", str(a.doc_stride),

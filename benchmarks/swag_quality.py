@@ -47,7 +47,7 @@ def main() -> None:
     a = p.parse_args()
     name = f"hellaswag-quality-{int(time.time())}"
     common = CONFIGS + [
-        "--trainer.logger.init_args.name", name,
+        "--name", name,
         "--data.max_length", str(a.max_length),
         "--data.batch_size", str(a.batch_size),
         "--data.max_train_samples", str(a.max_train_samples),

@@ -181,7 +181,7 @@ def memory(size: str, stage: str, s: dict, work: Path) -> dict:
         "--data.test_file", str(work / f"mem_{size}_test.jsonl"),
         "--data.max_length", str(m["max_length"]),
         "--data.cache_dir", str(work / f"cache-mem-{size}-{stage}"),  # tokenised fresh in every run
-        "--trainer.logger.init_args.save_dir", str(work / "runs-mem"),
+        "--trainer.default_root_dir", str(work / "runs-mem"),
     ]
     if stage == "fit":
         args += ["--trainer.max_epochs", "1"]

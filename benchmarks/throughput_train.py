@@ -80,7 +80,7 @@ def taskhead_args(task: str, precision: str, s: dict, work: Path) -> list[str]:
         "--trainer.max_steps", str(c["warmup_steps"] + c["measured_steps"]),
         "--trainer.precision", "bf16-mixed" if precision == "bf16" else "32-true",
         "--trainer.limit_val_batches", "0",           # no validation (and so no sanity check)
-        "--trainer.logger.init_args.save_dir", str(work / "runs"),  # the default TensorBoard logger, in the work dir
+        "--trainer.default_root_dir", str(work / "runs"),  # the default TensorBoard logger, in the work dir
         "--trainer.callbacks+=throughput_train.StepTimer",
         "--checkpoint.save_top_k", "0",               # no checkpoint files (enable_checkpointing false conflicts
         "--checkpoint.save_last", "false",            # with the ModelCheckpoint the CLI always adds)

@@ -84,7 +84,7 @@ def cli_args(tiny_bert: str, files: dict[str, str], run_root: Path, *extra: str,
         "--trainer.accelerator", "cpu",
         "--trainer.devices", "1",
         "--trainer.precision", "32-true",
-        "--trainer.logger.init_args.save_dir", str(run_root / "runs"),
+        "--trainer.default_root_dir", str(run_root / "runs"),
         "--trainer.enable_model_summary", "false",
     ]
     for split, path in files.items():

@@ -115,7 +115,7 @@ def test_sbatch_command_parses(tmp_path, print_config):
     # devices is typed int | str | list: the CLI keeps "4" as a string, which Lightning reads as 4 devices
     assert cfg["trainer"]["num_nodes"] == 2 and cfg["trainer"]["devices"] == "4" and cfg["trainer"]["strategy"] == "ddp"
     assert cfg["trainer"]["max_epochs"] == 1 and cfg["trainer"]["use_distributed_sampler"] is False
-    assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == str(run_dir)
+    assert cfg["trainer"]["default_root_dir"] == str(run_dir)
     # a requeued job (same SLURM_JOB_ID, same RUN_DIR) finds last.ckpt in the fixed checkpoint directory
     assert cfg["checkpoint"]["dirpath"] == str(run_dir / "checkpoints") and cfg["ckpt_path"] == "last"
     assert cfg["last_checkpoint"]["every_n_steps"] == 500
@@ -204,7 +204,7 @@ def test_sagemaker_argv_from_environment(tmp_path, print_config):
         assert data[f"{split}_file"] == str(tmp_path / "input" / split / f"{split}.jsonl")
     trainer = cfg["trainer"]
     assert (trainer["accelerator"], trainer["devices"], trainer["num_nodes"], trainer["strategy"]) == ("gpu", "4", 2, "ddp")
-    assert trainer["logger"]["init_args"]["save_dir"] == str(tmp_path / "output") and trainer["max_epochs"] == 1
+    assert trainer["default_root_dir"] == str(tmp_path / "output") and trainer["max_epochs"] == 1
     assert cfg["checkpoint"]["dirpath"] == entry.CHECKPOINT_DIR and cfg["ckpt_path"] == "last"
 
 
@@ -328,7 +328,7 @@ def test_azureml_job_command_parses(tmp_path, print_config):
     assert cfg["trainer"]["num_nodes"] == job["resources"]["instance_count"]
     assert cfg["trainer"]["devices"] == str(job["distribution"]["process_count_per_instance"])
     assert cfg["data"]["init_args"]["train_file"] == str(tmp_path / "train.jsonl")
-    assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "runs")
+    assert cfg["trainer"]["default_root_dir"] == str(tmp_path / "runs")
 
 
 def test_azureml_environment_matches_pyproject():
@@ -344,7 +344,7 @@ def test_strategy_config_composes(name, class_name, print_config):
     path = f"configs/strategies/{name}.yaml"
     cfg = print_config([*HUB_AND_OFFLINE, "--config", path])
     assert cfg["trainer"]["strategy"]["class_path"] == f"lightning.pytorch.strategies.{class_name}"
-    assert cfg["trainer"]["precision"] == "bf16-mixed"  # the task config's settings survive the composition
+    assert cfg["trainer"]["precision"] == "auto"  # the task config's settings survive the composition
     # --print_config cannot write a set of classes, so import the wrap policy's classes directly
     for cls in yaml.safe_load((ROOT / path).read_text())["trainer"]["strategy"]["init_args"].get("auto_wrap_policy", []):
         module, _, attr = cls.rpartition(".")

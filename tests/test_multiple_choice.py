@@ -241,7 +241,8 @@ def test_predict_export_and_load_agree(fitted, mc_files, tmp_path):
     cli = run_cli(["predict", *args, "--ckpt_path", best])
     preds = [json.loads(line) for line in (Path(cli.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
     items = [json.loads(line) for line in Path(mc_files["predict"]).read_text().splitlines()]
-    assert len(preds) == 10 and set(preds[0]) == {"index", "choice", "probabilities"}
+    assert len(preds) == 10 and {"index", "choice", "probabilities"} <= set(preds[0])
+    assert [p["id"] for p in preds] == list(range(1, 11)) and preds[0]["context"] == items[0]["ctx"]  # line numbers
     assert all(p["choice"] == it["endings"][p["index"]] for p, it in zip(preds, items))
 
     out = export_checkpoint(best, tmp_path / "export")

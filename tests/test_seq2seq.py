@@ -259,7 +259,7 @@ def cli(model: str, arch: str, files: dict[str, str], run_root: Path, *extra: st
             "--model.val_generate_samples", "4", "--model.optimizer.lr", "1e-3",
             "--data.cache_dir", str(run_root / "cache"), "--data.batch_size", "8", "--data.max_length", "32",
             "--data.max_target_length", "8", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-            "--trainer.precision", "32-true", "--trainer.logger.init_args.save_dir", str(run_root / "runs"),
+            "--trainer.precision", "32-true", "--trainer.default_root_dir", str(run_root / "runs"),
             "--trainer.enable_model_summary", "false", "--trainer.limit_train_batches", "3", "--trainer.max_epochs", "1",
             "--trainer.num_sanity_val_steps", "0"]
     for split, path in files.items():

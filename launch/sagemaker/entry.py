@@ -5,7 +5,7 @@ estimator's distribution is ``torch_distributed``, with the hyperparameters as `
 
     SM_CHANNEL_TRAIN / _VALIDATION / _TEST   the single data file in each channel → --data.{train,validation,test}_file
     SM_NUM_GPUS, SM_HOSTS (LOCAL_WORLD_SIZE)  → --trainer.devices, --trainer.num_nodes, --trainer.accelerator
-    SM_OUTPUT_DATA_DIR                        → logger save_dir (uploaded to S3 as output.tar.gz when the job ends)
+    SM_OUTPUT_DATA_DIR                        → trainer.default_root_dir (uploaded to S3 as output.tar.gz when the job ends)
     /opt/ml/checkpoints                       → checkpoint dirpath (synced with checkpoint_s3_uri; spot restarts
                                                 find last.ckpt there and resume)
     SM_MODEL_DIR                              ← the best checkpoint, exported (``taskhead export``) after fit
@@ -75,7 +75,7 @@ def trainer_args(env: Mapping[str, str]) -> list[str]:
 def output_args(env: Mapping[str, str]) -> list[str]:
     """Run directory, checkpoints, and resuming from the last checkpoint a spot interruption left behind."""
     return [
-        "--trainer.logger.init_args.save_dir", env.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"),
+        "--trainer.default_root_dir", env.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"),
         "--checkpoint.dirpath", CHECKPOINT_DIR,
         "--last_checkpoint.every_n_steps", "500",  # a spot interruption loses at most this many steps
         "--ckpt_path", "last",  # none on a first start: training starts fresh

@@ -51,7 +51,7 @@ cmd=(
     --trainer.num_nodes "$NNODES"
     --trainer.devices "$NPROC_PER_NODE"
     --trainer.strategy ddp
-    --trainer.logger.init_args.save_dir "$RUN_DIR"
+    --trainer.default_root_dir "$RUN_DIR"
     --checkpoint.dirpath "$RUN_DIR/checkpoints"
     --last_checkpoint.every_n_steps "$CKPT_EVERY"
     --ckpt_path last                                # first run: nothing there yet, training starts fresh

@@ -1,93 +1,66 @@
 """The ``taskhead`` command: LightningCLI's fit / validate / test / predict, plus ``export``.
 
-The YAML names the task's DataModule and LightningModule by ``class_path``; the CLI links what the data knows into
-the model (label names, label counts) and what the model knows into the data (which tokenizer, max_length).
+This module imports nothing heavy at import time: ``taskhead --help`` answers at once, and torch, Lightning and
+transformers load only for the subcommand that runs (``taskhead.lightning_cli``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from taskhead.core.callbacks import AtomicCheckpointIO, LastCheckpoint, RunArtifacts, RunManifest, Throughput
-from taskhead.core.data import TaskDataModule
-from taskhead.core.module import TaskModule
 from taskhead.errors import TaskheadError, user_error
 
+SUBCOMMANDS = {
+    "fit": "Train (and validate) a model: taskhead fit --config configs/imdb.yaml",
+    "validate": "Score the validation split: taskhead validate --ckpt_path CKPT",
+    "test": "Score the test split, write metrics.json: taskhead test --ckpt_path CKPT",
+    "predict": "Predict on a file, write predictions.jsonl: taskhead predict --ckpt_path CKPT --data.predict_file F",
+    "export": "Checkpoint → Hugging Face directory (safetensors): taskhead export --ckpt_path CKPT --out DIR",
+}
 
-class TaskheadCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # best-{step}.ckpt by the monitored metric; last.ckpt (newest state, for --ckpt_path last) comes from LastCheckpoint
-        parser.set_defaults({"checkpoint.filename": "best-{step}", "checkpoint.save_last": False, "checkpoint.auto_insert_metric_name": False})
-        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-        parser.add_lightning_class_args(RunArtifacts, "artifacts")
-        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
-        parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
-        parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
-        parser.link_arguments("data.label_counts", "model.init_args.label_counts", apply_on="instantiate")
+HELP = """usage: taskhead {fit,validate,test,predict,export} [options]
 
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
-        ckpt = cfg.get("ckpt_path")
-        if ckpt not in (None, "last", "best", "hpc") and "://" not in ckpt and not Path(ckpt).is_file():
-            raise TaskheadError(f"{ckpt}: file not found (--ckpt_path)")  # before any run directory is made
-        if ckpt == "last" and cfg.checkpoint.dirpath is None and cfg.last_checkpoint.dirpath is None:
-            if resolve_last_checkpoint(cfg, resume=self.subcommand == "fit"):
-                self.save_config_kwargs["overwrite"] = True  # the resumed run's config.yaml replaces the first one's
+Fine-tune pretrained Hugging Face transformers with PyTorch Lightning: heads, losses, schedules and official
+metrics from YAML.
 
-    def instantiate_trainer(self, **kwargs):
-        trainer_cfg = self._get(self.config_init, "trainer")
-        # Always on, whatever the YAML's callback list says: they only observe the run.
-        # Rich in a terminal; in a log file (background runs, CI) Rich draws nothing until the end, tqdm prints lines.
-        extra = [Throughput()]
-        if trainer_cfg.get("enable_progress_bar") is not False:
-            extra.append(RichProgressBar(leave=True) if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
-        if trainer_cfg.get("logger") is not False:
-            extra.append(LearningRateMonitor(logging_interval="step"))
-        kwargs["callbacks"] = [*as_list(trainer_cfg.get("callbacks")), *extra]
-        if not trainer_cfg.get("plugins") and not any(s in str(trainer_cfg.get("strategy")).lower() for s in ("deepspeed", "fsdp")):
-            kwargs["plugins"] = [AtomicCheckpointIO()]  # sharded strategies write checkpoint directories their own way
-        return super().instantiate_trainer(**kwargs)
+subcommands:
+%s
+
+`taskhead SUBCOMMAND --help` lists every option of a subcommand; `--print_config` prints the resolved config.
+validate/test/predict/export need only --ckpt_path: the run's saved config supplies the rest.
+"""
 
 
-def as_list(value) -> list:
-    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
+def print_help() -> None:
+    width = max(map(len, SUBCOMMANDS))
+    print(HELP % "\n".join(f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items()))
 
 
-def resolve_last_checkpoint(cfg, resume: bool) -> bool:
-    """``--ckpt_path last`` → the newest ``last.ckpt`` among this config's earlier runs (``<save_dir>/<name>/version_*``).
-
-    Lightning's own "last" looks only in the new run's (empty) version directory. For ``fit`` the run also continues
-    in that version directory, so TensorBoard shows one curve. No earlier run: ``fit`` starts fresh (a first SLURM job
-    and its requeues use the same command); the other subcommands stop. Returns whether a run continues in place.
-    """
-    logger = cfg.trainer.get("logger")
-    init = logger.get("init_args") if hasattr(logger, "get") else None
-    if init is None or init.get("save_dir") is None or init.get("version") is not None:
-        return False  # no logger, or the version is pinned: Lightning's own lookup in that directory
-    runs = Path(init.save_dir) / (init.get("name") or "lightning_logs")
-    found = sorted(runs.glob(f"version_*/checkpoints/{LastCheckpoint.FILENAME}"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        if not resume:
-            raise TaskheadError(f"--ckpt_path last: no last.ckpt under {runs}/version_*/checkpoints")
-        print(f"[resume] no last.ckpt under {runs}/version_*/checkpoints: starting a new run", file=sys.stderr)
-        cfg.ckpt_path = None
-        return False
-    cfg.ckpt_path = str(found[-1])
-    print(f"[resume] --ckpt_path last → {cfg.ckpt_path}", file=sys.stderr)
-    if resume:
-        init.version = found[-1].parents[1].name
-    return resume
+def run_config_for(argv: list[str]) -> list[str]:
+    """``validate|test|predict --ckpt_path <run>/checkpoints/x.ckpt``: put the run's saved ``config.yaml`` first, so the
+    checkpoint alone is enough; the user's own ``--config`` files and options, which come after it, still win."""
+    if not argv or argv[0] not in ("validate", "test", "predict"):
+        return argv
+    ckpt = None
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            ckpt = argv[i + 1]
+        elif arg.startswith("--ckpt_path="):
+            ckpt = arg.split("=", 1)[1]
+    if not ckpt or "://" in ckpt:
+        return argv
+    path = Path(ckpt)
+    config = path.parent.parent / "config.yaml"
+    if path.parent.name != "checkpoints" or not config.is_file():
+        return argv
+    return [argv[0], "--config", str(config), *argv[1:]]
 
 
 def export_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="taskhead export", description="Checkpoint → Hugging Face directory (safetensors).")
+    parser = argparse.ArgumentParser(prog="taskhead export", description="Checkpoint → Hugging Face directory (safetensors).",
+                                     allow_abbrev=False)
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by taskhead fit")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
@@ -97,33 +70,41 @@ def export_main(argv: list[str]) -> None:
     print(f"exported to {out}; load with taskhead.load('{out}')")
 
 
-def run_cli(args: list[str] | None = None) -> TaskheadCLI:
-    warnings.filterwarnings("ignore", message=".*custom batch sampler.*")  # ours returns every index, sorted
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")  # main(argv) in Python
-    warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")  # on_nonfinite_loss: skip, counted
-    return TaskheadCLI(
-        TaskModule,
-        TaskDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=RunManifest,
-        auto_configure_optimizers=False,  # the module builds its own from model.optimizer / model.scheduler
-        trainer_defaults={"use_distributed_sampler": False},  # our batch samplers shard by rank themselves
-        parser_kwargs={"default_env": False, "exit_on_error": False},  # parse errors raise: main() prints one line
-        args=args,
-    )
+def run_cli(args: list[str] | None = None):
+    """Run a LightningCLI subcommand in this process (tests and benchmarks call it directly)."""
+    from taskhead.lightning_cli import run_cli as _run_cli
+
+    return _run_cli(run_config_for(list(sys.argv[1:] if args is None else args)))
 
 
 def main(argv: list[str] | None = None) -> None:
     """The console command. A user error (TaskheadError, or a config/option jsonargparse rejects) prints one line,
-    ``taskhead: error: ...``, and exits with status 2; anything else is a bug and keeps its traceback."""
+    ``taskhead: error: ...``, and exits with status 2; a run stopped by SIGTERM/SIGINT exits 143/130 after writing
+    last.ckpt; anything else is a bug and keeps its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_help()
+        return
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"taskhead {version('taskhead')}")
+        return
     try:
-        if argv[:1] == ["export"]:
+        if argv[0] == "export":
             export_main(argv[1:])
+        elif argv[0] not in SUBCOMMANDS:
+            raise TaskheadError(f"unknown subcommand '{argv[0]}' (choose from {', '.join(SUBCOMMANDS)}; taskhead --help)")
         else:
             run_cli(argv)
+    except SystemExit as e:
+        if type(e).__name__ != "SIGTERMException":
+            raise
+        name = getattr(e, "signal_name", "SIGTERM")
+        last = getattr(e, "last_checkpoint", None)
+        saved = f"last.ckpt written: {last}; resume with --ckpt_path last" if last else "no last.ckpt (checkpointing is off)"
+        print(f"taskhead: stopped by {name} at step {getattr(e, 'global_step', '?')}; {saved}", file=sys.stderr)
+        sys.exit(130 if name == "SIGINT" else 143)
     except Exception as e:
         cause = user_error(e, argv)
         if cause is None:

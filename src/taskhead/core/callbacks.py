@@ -109,6 +109,7 @@ class RunManifest(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.is_global_zero:
             return
+        stage = str(getattr(stage, "value", stage))  # Lightning passes its TrainerFn enum
         dm = trainer.datamodule
         files = dm.data_files() if hasattr(dm, "data_files") else {}
         manifest = {
@@ -123,7 +124,9 @@ class RunManifest(SaveConfigCallback):
             "git_commit": {"cwd": git_commit(Path.cwd()), "taskhead": git_commit(Path(__file__).parent)},
             "config": self.parser.dump(self.config, skip_none=False),
         }
-        write_json(run_dir(trainer) / "manifest.json", manifest)
+        # fit writes manifest.json; test/validate/predict in the same run directory write manifest-<stage>.json
+        name = "manifest.json" if stage == "fit" else f"manifest-{stage}.json"
+        write_json(run_dir(trainer) / name, manifest)
 
 
 class LastCheckpoint(Callback):
@@ -135,25 +138,40 @@ class LastCheckpoint(Callback):
     ``last.ckpt`` only when it also saves a top-k checkpoint, so after an epoch that did not improve the monitored
     metric its ``last.ckpt`` is stale; this callback replaces it.
 
+    It holds the optimiser state (for an exact resume), so it is several times the size of the weights-only best
+    checkpoint; ``enabled: false`` turns it off. On SIGTERM (a scheduler's pre-emption, ``kill``) or a first Ctrl+C,
+    it is written at the end of the current batch before the run stops with a non-zero exit status.
+
     Args:
+        enabled: Write last.ckpt at all (off: no resume after a crash; only the best checkpoint is kept).
         every_n_steps: Also save every N optimiser steps (pre-emptible jobs). None: at epoch ends only.
         dirpath: Where to write (default: the ``checkpoint`` callback's directory, ``<run dir>/checkpoints``).
     """
 
     FILENAME = "last.ckpt"
 
-    def __init__(self, every_n_steps: int | None = None, dirpath: str | None = None) -> None:
+    def __init__(self, enabled: bool = True, every_n_steps: int | None = None, dirpath: str | None = None) -> None:
+        self.enabled = enabled
         self.every_n_steps = every_n_steps
         self.dirpath = dirpath
         self._saved_step = -1
+        self.last_path: Path | None = None
 
     def _save(self, trainer: L.Trainer) -> None:
-        if trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.fast_dev_run:
+        if not self.enabled or trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.fast_dev_run:
             return
         ckpt_cb = trainer.checkpoint_callback
         dirpath = self.dirpath or getattr(ckpt_cb, "dirpath", None) or run_dir(trainer) / "checkpoints"
-        trainer.save_checkpoint(Path(dirpath) / self.FILENAME)  # every rank calls it; rank 0 writes
+        self.last_path = Path(dirpath) / self.FILENAME
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # every rank calls it; rank 0 writes
         self._saved_step = trainer.global_step
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """SIGTERM/SIGINT reach here from Lightning's loops at a batch boundary: the state is consistent, save it."""
+        if type(exception).__name__ == "SIGTERMException" and trainer.state.fn == "fit":
+            self._save(trainer)
+            exception.last_checkpoint = self.last_path if self.enabled else None
+            exception.global_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -236,7 +254,23 @@ class RunArtifacts(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         rows.sort(key=lambda r: r["idx"])
+        inputs = getattr(trainer.datamodule, "predict_inputs", None) or []
         path = Path(self.predictions_file) if self.predictions_file else run_dir(trainer) / "predictions.jsonl"
-        text = "".join(json.dumps({k: v for k, v in r.items() if k != "idx"}, ensure_ascii=False) + "\n" for r in rows)
+        # each line: the input's id (its own "id" field, else its line number) and fields, then the prediction
+        text = "".join(
+            json.dumps({**(inputs[r["idx"]] if r["idx"] < len(inputs) else {}), **{k: v for k, v in r.items() if k != "idx"}},
+                       ensure_ascii=False) + "\n"
+            for r in rows
+        )
         write_atomic(path, text)
         rank_zero_info(f"[predict] {len(rows):,} predictions written to {path}")
+
+
+class ValidateAtMaxSteps(Callback):
+    """A run that ``max_steps`` ends in the middle of an epoch still validates once at its last step, so it has a
+    validation score and a best checkpoint (Lightning validates only at epoch ends or every ``val_check_interval``).
+    Done the way early stopping asks for a final validation: ``trainer.should_stop`` at the last step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            trainer.should_stop = True

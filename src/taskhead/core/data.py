@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from taskhead import __version__
-from taskhead.core.pretrained import load_pretrained, load_tokenizer
+from taskhead.core.pretrained import OFFLINE_HINT, hub_offline, hub_unreachable, load_pretrained, load_tokenizer
 from taskhead.core.readers import read_records
 from taskhead.core.sampling import LengthGroupedBatchSampler, SortedBatchSampler
 from taskhead.errors import TaskheadError, is_out_of_memory
@@ -33,6 +33,12 @@ from taskhead.errors import TaskheadError, is_out_of_memory
 SPLITS = ("train", "validation", "test", "predict")
 # Options that change how batches are drawn, not what the tokenised data is: left out of the cache key.
 LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir"}
+
+
+def record_line(where: str) -> int | str:
+    """``path:12`` → 12 (the line a record starts on); ``where`` itself when it names no line."""
+    tail = str(where).rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else str(where)
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -86,6 +92,7 @@ class TaskDataModule(L.LightningDataModule):
         self.datasets: dict[str, Any] = {}
         self._reported: set[str] = set()
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done in it), from a checkpoint
+        self.predict_inputs: list[dict] = []  # per predict example: {"id", input fields}, for predictions.jsonl
 
     # ---- task hooks -------------------------------------------------------------------------------------------------
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
@@ -164,7 +171,12 @@ class TaskDataModule(L.LightningDataModule):
         if self.hparams.dataset_name:
             raw.update(self._load_hub())
         for split, path in files.items():
-            raw[split] = [self.parse_record(rec, where, split) for where, rec in self.read_file(path)]
+            raw[split] = []
+            for where, rec in self.read_file(path):
+                parsed = self.parse_record(rec, where, split)
+                if split == "predict":  # each prediction line names its input: the record's id, else its line number
+                    parsed["_id"] = rec.get("id", record_line(where)) if isinstance(rec, dict) else record_line(where)
+                raw[split].append(parsed)
             if not raw[split]:
                 raise TaskheadError(f"{path}: no records (empty file)")
         if not raw:
@@ -176,6 +188,9 @@ class TaskDataModule(L.LightningDataModule):
         import datasets
 
         name, config = self.hparams.dataset_name, self.hparams.dataset_config
+        if not hub_offline() and not Path(name).exists() and (why := hub_unreachable()):
+            raise TaskheadError(f"dataset '{name}': the Hub is out of reach ({why}); {OFFLINE_HINT} "
+                                "(a dataset already in the local cache loads with HF_HUB_OFFLINE=1)")
         try:
             dd = datasets.load_dataset(name, config)
         except Exception as e:  # the Hub client raises many types; the user needs the first line only
@@ -223,8 +238,11 @@ class TaskDataModule(L.LightningDataModule):
             if limit is not None and limit < len(records):
                 keep = np.random.default_rng(self.hparams.seed).permutation(len(records))[:limit]
                 records = [records[i] for i in sorted(keep)]
+            if split == "predict":  # what predictions.jsonl repeats of each input: its id and its fields
+                self.predict_inputs = [{"id": r.get("_id", i), **{k: v for k, v in r.items() if k not in ("where", "_id", "id")}}
+                                       for i, r in enumerate(records)]
             # "where" (file:line) serves error messages only: it stays out of the dataset and the cache key
-            rows = [{**{k: v for k, v in r.items() if k != "where"}, "idx": i} for i, r in enumerate(records)]
+            rows = [{**{k: v for k, v in r.items() if k not in ("where", "_id")}, "idx": i} for i, r in enumerate(records)]
             self.datasets[split] = self._encode_cached(split, rows)
             self._report(split)
 

@@ -145,13 +145,20 @@ class TaskModule(L.LightningModule):
 
     # ---- checkpoint extras: exact mid-epoch resume ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """RNG states (dropout draws continue as if uninterrupted) and the skipped-batch count. Plain tensors, ints
-        and tuples only: the checkpoint still loads with ``weights_only=True``."""
+        """RNG states (dropout draws continue as if uninterrupted), the skipped-batch count, and the validation
+        metrics current when it was saved (a best checkpoint is saved right after its validation: these are its own
+        scores, kept even in weights-only checkpoints). Plain tensors, floats, ints and tuples only: the checkpoint
+        still loads with ``weights_only=True``."""
+        trainer = self._trainer
+        metrics = trainer.callback_metrics if trainer is not None else {}
+        monitor = getattr(trainer.checkpoint_callback, "monitor", None) if trainer is not None else None
         checkpoint["taskhead"] = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": random.getstate(),
             "skipped_batches": self.skipped_batches,
+            "val_metrics": {k: float(v) for k, v in metrics.items() if k.startswith("val/") and v.numel() == 1},
+            "monitor": monitor,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -6,8 +6,10 @@ that uses a packaged model resolves on any machine where the package is installe
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 from taskhead.errors import TaskheadError
@@ -44,10 +46,52 @@ def trust_remote_code() -> bool:
     return os.environ.get("TASKHEAD_TRUST_REMOTE_CODE", "").lower() in ("1", "true", "yes")
 
 
-def load_pretrained(loader, name_or_path: str, **kwargs):
-    """``loader.from_pretrained(resolved path, **kwargs)`` with a one-line error when the model cannot be loaded."""
-    path = resolve_model_path(name_or_path)
+OFFLINE_HINT = ("offline, use the configs in configs/offline/ (e.g. --config configs/imdb.yaml --config "
+                "configs/offline/imdb.yaml), a local model directory, or local --data.*_file files")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (None when it can): one TCP connection, 3 s at most. Asked before
+    any download so that a machine without network fails at once with a clear message instead of after the Hub
+    client's retries and back-off."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:
+        return f"cannot connect to {url.hostname} ({e.strerror or type(e).__name__})"
+    return None
+
+
+def require_hub(what: str) -> None:
+    """Stop at once with one line when ``what`` (a Hub model or dataset not in the local cache) needs the network."""
+    why = hub_unreachable()
+    if why:
+        raise TaskheadError(f"{what} is not a local path and not in the local cache, and the Hub is out of reach "
+                            f"({why}); {OFFLINE_HINT}")
+
+
+def load_pretrained(loader, name_or_path: str, **kwargs):
+    """``loader.from_pretrained(resolved path, **kwargs)`` with a one-line error when the model cannot be loaded.
+
+    A Hub id is looked up in the local cache first; only when it is not there is the network asked for, once."""
+    path = resolve_model_path(name_or_path)
+    is_hub_id = path == name_or_path and not Path(path).exists()
+    try:
+        if is_hub_id:
+            try:
+                return loader.from_pretrained(path, trust_remote_code=trust_remote_code(), local_files_only=True, **kwargs)
+            except OSError:
+                require_hub(f"'{name_or_path}'")
         return loader.from_pretrained(path, trust_remote_code=trust_remote_code(), **kwargs)
     except (OSError, ValueError) as e:  # missing files, or files transformers cannot read (unknown model type, ...)
         if "trust_remote_code" in str(e):
@@ -59,8 +103,25 @@ def load_pretrained(loader, name_or_path: str, **kwargs):
 
 def load_model(auto_class, name_or_path: str, **kwargs):
     """A pretrained model in training mode, like any fresh ``nn.Module`` (``from_pretrained`` returns eval mode,
-    which would silently switch dropout off for the whole fit)."""
-    return load_pretrained(auto_class, name_or_path, **kwargs).train()
+    which would silently switch dropout off for the whole fit).
+
+    transformers prints a table (its LOAD REPORT) for weights the checkpoint lacks, e.g. a new classification head;
+    here that is one line naming the modules trained from scratch."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = load_pretrained(auto_class, name_or_path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    new = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
+    if new:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        shown = ", ".join(new[:6]) + (f" (+{len(new) - 6} more)" if len(new) > 6 else "")
+        rank_zero_info(f"[model] {type(model).__name__} from '{name_or_path}': newly initialised (trained from scratch): {shown}")
+    return model.train()
 
 
 def load_tokenizer(name_or_path: str):

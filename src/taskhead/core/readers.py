@@ -77,6 +77,13 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
     path = Path(path)
     fmt = file_format(path)
     f = open_text(path)
+    try:
+        yield from _records(f, path, fmt)
+    finally:
+        f.close()  # also when the caller stops early (an error in a later record's check)
+
+
+def _records(f, path: Path, fmt: str) -> Iterator[tuple[str, dict]]:
     if fmt == "jsonl":
         for n, line in enumerate(f, start=1):
             if not line.strip():
