@@ -147,7 +147,7 @@ def test_predict_export_load_and_pipeline_agree(fitted, tmp_path, review_files):
 
     out = export_checkpoint(best, tmp_path / "export")
     assert (out / "model.safetensors").is_file() and (out / "taskhead.json").is_file()
-    predictor = taskhead.load(out)
+    predictor = taskhead.load(out, precision="32-true")
     loaded = predictor(texts)
     assert [p["label"] for p in loaded] == [p["label"] for p in preds]  # same order, same labels
     for a, b in zip(loaded, preds):
@@ -177,8 +177,8 @@ def test_custom_head_export_round_trip(tiny_bert, review_files, tmp_path):
     texts = ["a wonderful superb film", "dull and awful plot"]
     module.eval()
     with torch.inference_mode():
-        expected = module.predict_raw(taskhead.load(out).tokenizer, texts)
-    assert taskhead.load(out)(texts) == expected
+        expected = module.predict_raw(taskhead.load(out, precision="32-true").tokenizer, texts)
+    assert taskhead.load(out, precision="32-true")(texts) == expected
 
 
 @pytest.mark.parametrize("freeze_steps", [4, 2])

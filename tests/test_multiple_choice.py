@@ -247,7 +247,7 @@ def test_predict_export_and_load_agree(fitted, mc_files, tmp_path):
 
     out = export_checkpoint(best, tmp_path / "export")
     assert (out / "model.safetensors").is_file() and not (out / "head.safetensors").exists()
-    predictor = taskhead.load(out)
+    predictor = taskhead.load(out, precision="32-true")
     loaded = predictor([{"context": it["ctx"], "choices": it["endings"]} for it in items])
     assert [p["index"] for p in loaded] == [p["index"] for p in preds]
     for a, b in zip(loaded, preds):
@@ -272,8 +272,8 @@ def test_custom_head_export_round_trip(tiny_bert, mc_files, tmp_path):
     items = [{"context": "the film was", "choices": ["great", "awful", "dull"]}]
     module.eval()
     with torch.inference_mode():
-        expected = module.predict_raw(taskhead.load(out).tokenizer, items)
-    assert taskhead.load(out)(items) == expected
+        expected = module.predict_raw(taskhead.load(out, precision="32-true").tokenizer, items)
+    assert taskhead.load(out, precision="32-true")(items) == expected
 
 
 def test_cli_bad_input_exits_2(tiny_bert, tmp_path, capsys):

@@ -321,7 +321,7 @@ def test_test_and_predict(fitted, ner_files):
 def test_export_load_and_pipeline_agree(fitted, tmp_path):
     cli, _ = fitted
     out = export_checkpoint(cli.trainer.checkpoint_callback.best_model_path, tmp_path / "export")
-    predictor = taskhead.load(out)
+    predictor = taskhead.load(out, precision="32-true")
     texts = ["Angela Merkel visited Paris.", "The European Commission met John in London today.", "Reuters reported talks about Berlin"]
     loaded = predictor(texts)
     assert [(e["type"], e["text"]) for e in loaded[0]] == [("PER", "Angela Merkel"), ("LOC", "Paris")]
@@ -353,9 +353,9 @@ def test_custom_head_viterbi_label_all_tokens(tiny_bert, ner_files, tmp_path):
     texts = ["Angela Merkel visited Paris.", "nothing here"]
     module.eval()
     with torch.inference_mode():
-        expected = module.predict_raw(taskhead.load(out).tokenizer, texts)
-    assert taskhead.load(out)(texts) == expected
-    assert taskhead.load(out)("") == []
+        expected = module.predict_raw(taskhead.load(out, precision="32-true").tokenizer, texts)
+    assert taskhead.load(out, precision="32-true")(texts) == expected
+    assert taskhead.load(out, precision="32-true")("") == []
 
 
 def test_configs_parse():

@@ -310,7 +310,7 @@ def test_export_load_and_standard_hf_loading_agree(fitted, qa_files, tmp_path):
     inputs = [json.loads(line) for line in Path(qa_files["predict"]).read_text().splitlines()]
     out = export_checkpoint(best, tmp_path / "export")
     assert (out / "model.safetensors").is_file() and not (out / "head.safetensors").exists()
-    predictor = taskhead.load(out)
+    predictor = taskhead.load(out, precision="32-true")
     got = predictor(question=[x["question"] for x in inputs], context=[x["context"] for x in inputs])
     assert [(g["answer"], g["start"], g["end"]) for g in got] == [(r["answer"], r["start"], r["end"]) for r in rows]
     assert [g["score"] for g in got] == pytest.approx([r["score"] for r in rows], abs=1e-4)
@@ -353,7 +353,7 @@ def test_custom_head_export_round_trip(tiny_bert, tmp_path):
     module.eval()
     with torch.inference_mode():
         expected = module.predict_raw(tok, ["where is the king?", "who?"], [long_context, "the boy"])
-    got = taskhead.load(out)(question=["where is the king?", "who?"], context=[long_context, "the boy"])
+    got = taskhead.load(out, precision="32-true")(question=["where is the king?", "who?"], context=[long_context, "the boy"])
     assert got == expected
     assert got[0]["answer"] == long_context[got[0]["start"] : got[0]["end"]]
 

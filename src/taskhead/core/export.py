@@ -28,17 +28,22 @@ def import_object(path: str):
 class Predictor:
     """Callable wrapper: ``predictor(inputs, **options)`` → plain Python results, in input order."""
 
-    def __init__(self, module, tokenizer) -> None:
+    def __init__(self, module, tokenizer, autocast: torch.dtype | None = None) -> None:
         self.module = module.eval()
         self.tokenizer = tokenizer
+        self.autocast = autocast  # bf16/fp16 autocast dtype, or None for plain fp32
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode():
+        device_type = next(self.module.parameters()).device.type
+        with torch.inference_mode(), torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None):
             return self.module.predict_raw(self.tokenizer, *args, **kwargs)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-    """Load a directory written by ``taskhead export`` for prediction on raw inputs."""
+def load(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto") -> Predictor:
+    """Load a directory written by ``taskhead export`` for prediction on raw inputs.
+
+    ``precision``: ``auto`` (bf16 autocast where the device computes bf16 natively, as in training), ``32-true``,
+    ``bf16-mixed`` or ``16-mixed``."""
     path = Path(path)
     spec_file = path / EXPORT_CONFIG
     if not spec_file.is_file():
@@ -54,7 +59,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
         missing = [k for k in missing if not k.startswith("model.")]
         if missing or unexpected:
             raise TaskheadError(f"{path / HEAD_WEIGHTS}: head weights do not match (missing {missing}, unexpected {unexpected})")
-    return Predictor(module.to(device), load_tokenizer(str(path)))
+    from taskhead.core.precision import autocast_dtype
+
+    return Predictor(module.to(device), load_tokenizer(str(path)), autocast_dtype(device, precision))
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
