@@ -123,14 +123,15 @@ def base_card_metadata(source: str) -> dict[str, Any]:
     from huggingface_hub.utils import validate_repo_id
 
     from taskhead.core.pretrained import resolve_model_path
+    from taskhead.errors import TaskheadError
 
     readme: str | Path | None = None
     try:
-        local = Path(resolve_model_path(source))
-        if local.is_dir():
-            readme = local / "README.md"
-    except Exception:  # a path that no longer exists: the export works from the checkpoint alone
+        local = Path(resolve_model_path(source)) if source.startswith("pkg:") else Path(source).expanduser()
+    except TaskheadError:  # the package is gone: the export works from the checkpoint alone
         return {}
+    if local.is_dir():
+        readme = local / "README.md"
     try:
         if readme is None:
             validate_repo_id(source)
