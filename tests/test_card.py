@@ -249,6 +249,7 @@ def test_offline_push_fails_before_any_work(run, tmp_path, monkeypatch):
         ("me/x", "no_token", "no Hugging Face token"),
         ("me/x", "no_network", r"cannot reach https://huggingface.co \(ConnectionError: Network is unreachable\)"),
     ],
+    ids=["bad-id", "no-token", "no-network"],
 )
 def test_push_preflight_errors_before_any_work(run, tmp_path, online, monkeypatch, repo_id, setup, message):
     import huggingface_hub
@@ -270,3 +271,31 @@ def test_push_an_existing_export(run, tmp_path, online):
     out = export_checkpoint(best, tmp_path / "out")
     assert push_to_hub(out, "me/x") == "https://huggingface.co/me/x"
     assert [c[0] for c in online.calls if c[0] != "init"] == ["create_repo", "upload_folder"]
+
+
+# ---- a second task: NER ------------------------------------------------------------------------------------------------
+
+
+def conll(n: int) -> str:
+    """``n`` IOB2 sentences in CoNLL layout (word POS chunk NER), entities decided by the words themselves."""
+    rows = [("Angela", "B-PER"), ("Merkel", "I-PER"), ("visited", "O"), ("Paris", "B-LOC"), ("today", "O")]
+    return "".join("\n".join(f"{w} NNP I-NP {t}" for w, t in rows[i % 2 :]) + "\n\n" for i in range(n))
+
+
+def test_ner_export_card(tiny_bert, tmp_path):
+    files = {}
+    for split, n in (("train", 32), ("validation", 8), ("test", 8)):
+        files[split] = str(tmp_path / f"{split}.conll")
+        Path(files[split]).write_text(conll(n))
+    args = cli_args(tiny_bert, files, tmp_path, "--trainer.limit_train_batches", "1", "--trainer.max_epochs", "1",
+                    config="conll2003.yaml")
+    best = Path(run_cli(["fit", *args]).trainer.checkpoint_callback.best_model_path)
+    metrics_dir = Path(run_cli(["test", *args, "--ckpt_path", str(best)]).trainer.log_dir)
+    card = load_card(export_checkpoint(best, tmp_path / "ner-export"))
+    assert card.data.pipeline_tag == "token-classification" and "token-classification" in card.data.tags
+    state = next(v for k, v in torch.load(best, weights_only=True)["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    metrics = json.loads((metrics_dir / "metrics.json").read_text())
+    results = by_name(card)
+    assert results["val/f1"] == ("validation", float(state["best_k_models"][str(best)]))
+    assert results["test/f1"] == ("test", metrics["test/f1"]) and "test/argmax/f1" not in results
+    assert "`B-PER`, `I-PER`" in card.text and 'aggregation_strategy="first"' in card.text

@@ -184,7 +184,6 @@ def run_facts(ckpt_path: str | Path, ckpt: dict) -> dict[str, Any]:
         "hparams": hparams,
         "data": data,
         "checkpoint": {"name": ckpt_path.name, "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")},
-        "run_dir": str(run) if run else None,
         "manifest": _read_json(run / "manifest.json") if run else None,
         "config_yaml": config_file.read_text() if config_file and config_file.is_file() else None,
         "validation": validation_facts(ckpt, ckpt_path.name),
@@ -244,16 +243,11 @@ def eval_results(facts: dict) -> list:
     from huggingface_hub import EvalResult
 
     task, title, _ = task_kind(facts)
-    results = []
     val = facts.get("validation")
-    if val and val["own"]:
-        results.append(EvalResult(task_type=task or "other", task_name=title, **_dataset(facts.get("data", {}), "validation"),
-                                  metric_type=metric_type(val["monitor"]), metric_name=val["monitor"], metric_value=val["value"]))
-    for key, value in facts.get("test_metrics", {}).items():
-        if key.count("/") == 1 and isinstance(value, (int, float)):
-            results.append(EvalResult(task_type=task or "other", task_name=title, **_dataset(facts.get("data", {}), "test"),
-                                      metric_type=metric_type(key), metric_name=key, metric_value=value))
-    return results
+    scored = [("validation", val["monitor"], val["value"])] if val and val["own"] else []
+    scored += [("test", k, v) for k, v in facts.get("test_metrics", {}).items() if k.count("/") == 1 and isinstance(v, (int, float))]
+    return [EvalResult(task_type=task or "other", task_name=title, **_dataset(facts.get("data", {}), split),
+                       metric_type=metric_type(key), metric_name=key, metric_value=value) for split, key, value in scored]
 
 
 def card_data(facts: dict, model_name: str):
@@ -386,7 +380,7 @@ def render_card(facts: dict, model_name: str, location: str, repo_id: str | None
         lines.append(f"- Source prefix: `{hp['source_prefix']}`")
     lines += [""] + _data_section(facts) + _eval_section(facts) + _usage_section(facts, location, repo_id)
     if facts.get("config_yaml"):
-        lines += ["## Training configuration", "", f"The run's `config.yaml` (`taskhead fit --config config.yaml` reruns it):",
+        lines += ["## Training configuration", "", "The run's `config.yaml` (`taskhead fit --config config.yaml` reruns it):",
                   "", "```yaml", facts["config_yaml"].rstrip(), "```", ""]
     else:
         lines += ["## Training configuration", "", "No `config.yaml` beside the checkpoint; the model's hyper-parameters "
