@@ -53,11 +53,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _plain(value: Any) -> Any:
-    """Tensors (checkpoint callback state) → floats, so the facts are plain JSON-able values."""
-    return float(value) if hasattr(value, "item") else value
-
-
 def validation_facts(ckpt: dict, ckpt_name: str) -> dict | None:
     """The monitored metric from the ModelCheckpoint state saved in the checkpoint. ``own`` says whether the value
     belongs to this very checkpoint (it is one of the run's top-k files) or is the run's best at the time of saving
@@ -65,13 +60,11 @@ def validation_facts(ckpt: dict, ckpt_name: str) -> dict | None:
     for key, state in ckpt.get("callbacks", {}).items():
         if not key.startswith("ModelCheckpoint") or not state.get("monitor") or state.get("best_model_score") is None:
             continue
-        scores = {Path(p).name: _plain(v) for p, v in (state.get("best_k_models") or {}).items()}
-        best_name = Path(state.get("best_model_path") or "").name
-        mode = "min" if "'mode': 'min'" in key else "max"  # the state has no mode; the callback's state key does
-        if ckpt_name in scores:
-            return {"monitor": state["monitor"], "value": scores[ckpt_name], "mode": mode, "own": True, "best": best_name}
-        return {"monitor": state["monitor"], "value": _plain(state["best_model_score"]), "mode": mode, "own": False,
-                "best": best_name}
+        scores = {Path(p).name: float(v) for p, v in (state.get("best_k_models") or {}).items()}  # tensors → floats
+        own = ckpt_name in scores
+        return {"monitor": state["monitor"], "value": scores[ckpt_name] if own else float(state["best_model_score"]),
+                "own": own, "best": Path(state.get("best_model_path") or "").name,
+                "mode": "min" if "'mode': 'min'" in key else "max"}  # the state has no mode; the callback's key does
     return None
 
 
@@ -275,22 +268,27 @@ def _fmt(value: Any) -> str:
 
 def _data_section(facts: dict) -> list[str]:
     data, manifest = facts.get("data", {}), facts.get("manifest") or {}
-    lines = ["## Training data", ""]
+    lines = ["## Training data"]
     if data.get("dataset_name"):
         config = f" (config `{data['dataset_config']}`)" if data.get("dataset_config") else ""
-        lines += [f"Hub dataset [`{data['dataset_name']}`](https://huggingface.co/datasets/{data['dataset_name']}){config}.", ""]
+        lines += ["", f"Hub dataset [`{data['dataset_name']}`](https://huggingface.co/datasets/{data['dataset_name']}){config}."]
     files = manifest.get("data_files") or {}
     if files:
-        lines += ["| split | file | sha256 |", "|---|---|---|"]
+        lines += ["", "| split | file | sha256 |", "|---|---|---|"]
         lines += [f"| {split} | `{Path(f['path']).name}` | `{f['sha256']}` |" for split, f in files.items()]
         lines += ["", "Paths on the training machine: " + ", ".join(f"`{f['path']}`" for f in files.values()) + "."]
-    else:
+    elif not manifest:
         known = {s: data[f"{s}_file"] for s in ("train", "validation", "test") if data.get(f"{s}_file")}
         if known:
-            lines += [f"- {s}: `{p}`" for s, p in known.items()]
+            lines += ["", *(f"- {s}: `{p}`" for s, p in known.items())]
         lines += ["", "sha256 of the data files: unknown (no `manifest.json` beside the checkpoint's run)."]
-    if not data.get("validation_file") and data.get("val_split"):
-        lines += ["", f"Validation: held out of the training data (`val_split: {data['val_split']}`, seed {data.get('seed')})."]
+    elif not data.get("dataset_name"):
+        lines += ["", "The run's manifest lists no data files."]
+    held_out = f"`val_split: {data.get('val_split')}` of the training data held out (seed {data.get('seed')})"
+    if data.get("dataset_name") and not data.get("validation_file"):  # which one applied is not recorded
+        lines += ["", f"Validation: the dataset's validation split, or where it has none, {held_out}."]
+    elif data.get("train_file") and not data.get("validation_file") and data.get("val_split"):
+        lines += ["", f"Validation: {held_out}."]
     if data.get("max_train_samples"):
         lines += ["", f"Training used only the first {data['max_train_samples']} examples (`max_train_samples`)."]
     return lines + [""]
