@@ -316,7 +316,7 @@ def _eval_section(facts: dict) -> list[str]:
 def _usage_section(facts: dict, location: str, repo_id: str | None) -> list[str]:
     task, _, pipeline = task_kind(facts)
     example = EXAMPLES.get(task, 'predictor(["Some text to process."])  # generated text')
-    lines = ["## How to use", "", "With taskhead (`pip install taskhead`):", "", "```python", "import taskhead", ""]
+    lines = ["## How to use", "", "With taskhead:", "", "```python", "import taskhead", ""]
     if repo_id:
         lines += ["from huggingface_hub import snapshot_download", "",
                   f'predictor = taskhead.load(snapshot_download("{repo_id}"))']
@@ -363,7 +363,7 @@ def render_card(facts: dict, model_name: str, location: str, repo_id: str | None
     """The README.md text: YAML metadata (:func:`card_data`) and the sections a reader needs."""
     task, title, _ = task_kind(facts)
     hp, source = facts.get("hparams", {}), facts.get("source", "")
-    link = f"[`{source}`](https://huggingface.co/{source})" if facts.get("base_model") else f"`{source}` (a local model)"
+    link = f"[`{source}`](https://huggingface.co/{source})" if facts.get("base_model") else f"`{source}` (a local or packaged model, not a Hub id)"
     lines = [f"# {model_name}", "", f"{title} model fine-tuned from {link} with taskhead {facts.get('taskhead_version') or ''}.".replace(" .", "."), "",
              "## Task", "", f"- Task: {title} (`{facts.get('task')}`)"]
     if hp.get("head") is None and "head" in hp:
