@@ -248,8 +248,9 @@ def test_offline_push_fails_before_any_work(run, tmp_path, monkeypatch):
         ("not a repo", None, "not a valid model repo id"),
         ("me/x", "no_token", "no Hugging Face token"),
         ("me/x", "no_network", r"cannot reach https://huggingface.co \(ConnectionError: Network is unreachable\)"),
+        ("me/x", "bad_token", r"token was rejected \(401\)"),
     ],
-    ids=["bad-id", "no-token", "no-network"],
+    ids=["bad-id", "no-token", "no-network", "bad-token"],
 )
 def test_push_preflight_errors_before_any_work(run, tmp_path, online, monkeypatch, repo_id, setup, message):
     import huggingface_hub
@@ -259,6 +260,10 @@ def test_push_preflight_errors_before_any_work(run, tmp_path, online, monkeypatc
         monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     if setup == "no_network":
         monkeypatch.setattr(FakeHfApi, "whoami_error", ConnectionError("Network is unreachable"))
+    if setup == "bad_token":
+        error = OSError("Invalid user token.")
+        error.response = SimpleNamespace(status_code=401)  # as huggingface_hub's HfHubHTTPError carries it
+        monkeypatch.setattr(FakeHfApi, "whoami_error", error)
     with pytest.raises(TaskheadError, match=message):
         export_checkpoint(best, tmp_path / "out", push_to_hub=repo_id)
     assert not (tmp_path / "out").exists() and not [c for c in online.calls if c[0] != "init"]

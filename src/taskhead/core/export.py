@@ -131,6 +131,8 @@ def hub_preflight(repo_id: str, private: bool = False) -> str:
         if status == 401:
             raise TaskheadError(f"{where}: the Hugging Face token was rejected (401): run `hf auth login` again") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if status is not None:
+            raise TaskheadError(f"{where}: {constants.ENDPOINT} answered {status} ({first})") from None
         raise TaskheadError(f"{where}: cannot reach {constants.ENDPOINT} ({type(e).__name__}: {first})") from None
     if info is not None and not info.private:
         raise TaskheadError(f"{where}: --private was asked, but the repo exists and is public: nothing was uploaded")
