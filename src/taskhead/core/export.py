@@ -1,4 +1,4 @@
-"""Load an exported directory back as a predictor on raw inputs, and the batched inference it runs on.
+"""Export a checkpoint (with its model card) and push it to the Hub; load an export back as a predictor on raw inputs.
 
 ``taskhead.load(DIR)`` reads ``taskhead.json`` (written by ``TaskModule.export``), rebuilds the task's module from
 the directory itself (no Hub access), loads a custom head's weights if there is one, and returns a
@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
+from taskhead.core.card import hub_offline, run_facts, write_card
 from taskhead.core.module import EXPORT_CONFIG, HEAD_WEIGHTS
 from taskhead.core.pretrained import load_tokenizer
 from taskhead.errors import TaskheadError
@@ -64,11 +66,19 @@ def load(path: str | Path, device: str | torch.device = "cpu", precision: str = 
     return Predictor(module.to(device), load_tokenizer(str(path)), autocast_dtype(device, precision))
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Checkpoint → Hugging Face directory (safetensors) + taskhead.json."""
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: str | None = None, private: bool = False) -> Path:
+    """Checkpoint → Hugging Face directory (safetensors) + taskhead.json + model card (README.md).
+
+    Args:
+        ckpt_path: A taskhead checkpoint; its run directory (``<run>/checkpoints/x.ckpt``) feeds the card if present.
+        out_dir: Where to write the export.
+        push_to_hub: ``OWNER/NAME``: also upload the directory to this Hub model repo (created if missing).
+        private: Create the Hub repo private (refuses to upload into an existing public one).
+    """
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise TaskheadError(f"--ckpt_path {ckpt_path}: file not found")
+    token = hub_preflight(push_to_hub, private) if push_to_hub else None  # offline / no token: fail before any work
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hparams = dict(ckpt.get("hyper_parameters", {}))
     task = hparams.pop("_class_path", "")
@@ -83,7 +93,75 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     finally:
         hf_logging.set_verbosity(verbosity)
     module.load_state_dict(ckpt["state_dict"])
-    return module.export(out_dir, load_tokenizer(module.model_name_or_path))
+    out = module.export(out_dir, load_tokenizer(module.model_name_or_path))
+    facts = run_facts(ckpt_path, ckpt)
+    del ckpt  # optimizer states can be twice the model: free them before an upload
+    model_name = push_to_hub.split("/")[1] if push_to_hub else out.resolve().name
+    write_card(out, facts, model_name, location=str(out_dir), repo_id=push_to_hub)
+    if push_to_hub:
+        url = _upload(out, push_to_hub, private, token, f"taskhead export of {ckpt_path.name}")
+        rank_zero_info(f"[export] pushed to {url}")
+    return out
+
+
+# ---- Hub push ----------------------------------------------------------------------------------------------------------
+
+
+def hub_preflight(repo_id: str, private: bool = False) -> str:
+    """What a push needs, checked before any work: a valid ``OWNER/NAME``, the Hub not switched off, a token, the Hub
+    reachable with it, and (``private``) no existing public repo of that name. Returns the token."""
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    where = f"push to the Hub ({repo_id})"
+    try:
+        if repo_id.count("/") != 1:
+            raise ValueError("expected OWNER/NAME")
+        validate_repo_id(repo_id)
+    except ValueError as e:
+        raise TaskheadError(f"{where}: not a valid model repo id: {str(e).splitlines()[0]}") from None
+    if hub_offline() or constants.HF_HUB_OFFLINE:
+        raise TaskheadError(f"{where}: the Hub is switched off here (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
+                            "export without --push_to_hub, or unset it")
+    token = get_token()
+    if not token:
+        raise TaskheadError(f"{where}: no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    api = HfApi(token=token)
+    try:
+        api.whoami()
+        info = api.repo_info(repo_id) if private else None
+    except RepositoryNotFoundError:
+        info = None  # created at upload time
+    except Exception as e:  # noqa: BLE001 - any failure here (DNS, proxy, TLS, 401) means no push; say which, in one line
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 401:
+            raise TaskheadError(f"{where}: the Hugging Face token was rejected (401): run `hf auth login` again") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if status is not None:
+            raise TaskheadError(f"{where}: {constants.ENDPOINT} answered {status} ({first})") from None
+        raise TaskheadError(f"{where}: cannot reach {constants.ENDPOINT} ({type(e).__name__}: {first})") from None
+    if info is not None and not info.private:
+        raise TaskheadError(f"{where}: --private was asked, but the repo exists and is public: nothing was uploaded")
+    return token
+
+
+def _upload(out_dir: Path, repo_id: str, private: bool, token: str, message: str) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(out_dir), commit_message=message)
+    return str(url)
+
+
+def push_to_hub(out_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an export directory to the Hub model repo ``OWNER/NAME`` (created if missing); returns its URL."""
+    out_dir = Path(out_dir)
+    if not (out_dir / EXPORT_CONFIG).is_file():
+        raise TaskheadError(f"{out_dir}: not a taskhead export ({EXPORT_CONFIG} is missing)")
+    token = hub_preflight(repo_id, private)
+    return _upload(out_dir, repo_id, private, token, "taskhead export")
 
 
 def batched_inference(
