@@ -54,7 +54,9 @@ def test_export_card_parses_with_the_runs_numbers(run, review_files, tmp_path):
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "text-classification"
     assert "taskhead" in data.tags and data.base_model is None  # a local directory is no Hub base_model
-    state = next(v for k, v in torch.load(best, weights_only=True)["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    # the best checkpoint is weights-only; the ModelCheckpoint's own record of its score is in last.ckpt
+    last = torch.load(Path(best).parent / "last.ckpt", weights_only=True)
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
     metrics = json.loads(metrics_file.read_text())
     results = by_name(card)
     assert results["val/acc"] == ("validation", float(state["best_k_models"][str(best)]))
@@ -83,7 +85,9 @@ def test_checkpoint_without_run_directory(run, tmp_path):
     card = load_card(export_checkpoint(lone, tmp_path / "out"))
     assert "sha256 of the data files: unknown" in card.text and "No `config.yaml` beside the checkpoint" in card.text
     assert "train.jsonl" in card.text and "label_names:" in card.text  # from the checkpoint's own hyper-parameters
-    assert card.data.pipeline_tag == "text-classification" and card.data.eval_results is None
+    # a best checkpoint carries its own validation scores (saved right after its validation), wherever it is copied
+    assert card.data.pipeline_tag == "text-classification"
+    assert by_name(card)["val/acc"] == ("validation", float(best.stem.rsplit("=", 1)[1])) and "test/acc" not in by_name(card)
 
 
 # ---- the card from hand-written facts ---------------------------------------------------------------------------------
@@ -298,9 +302,12 @@ def test_ner_export_card(tiny_bert, tmp_path):
     metrics_dir = Path(run_cli(["test", *args, "--ckpt_path", str(best)]).trainer.log_dir)
     card = load_card(export_checkpoint(best, tmp_path / "ner-export"))
     assert card.data.pipeline_tag == "token-classification" and "token-classification" in card.data.tags
-    state = next(v for k, v in torch.load(best, weights_only=True)["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    # the best checkpoint is weights-only; the ModelCheckpoint's own record of its score is in last.ckpt
+    last = torch.load(Path(best).parent / "last.ckpt", weights_only=True)
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
     metrics = json.loads((metrics_dir / "metrics.json").read_text())
     results = by_name(card)
-    assert results["val/f1"] == ("validation", float(state["best_k_models"][str(best)]))
+    scores = {Path(k).name: float(v) for k, v in state["best_k_models"].items()}
+    assert results["val/f1"] == ("validation", scores[best.name]), scores
     assert results["test/f1"] == ("test", metrics["test/f1"]) and "test/argmax/f1" not in results
     assert "`B-PER`, `I-PER`" in card.text and 'aggregation_strategy="first"' in card.text

@@ -63,10 +63,15 @@ def export_main(argv: list[str]) -> None:
                                      allow_abbrev=False)
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by taskhead fit")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--push_to_hub", metavar="OWNER/NAME", default=None,
+                        help="also upload the export (with its model card) to this Hub model repo")
+    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the Hub repo private")
     args = parser.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        parser.error("--private needs --push_to_hub")
     from taskhead.core.export import export_checkpoint
 
-    out = export_checkpoint(args.ckpt_path, args.out)
+    out = export_checkpoint(args.ckpt_path, args.out, push_to_hub=args.push_to_hub, private=args.private)
     print(f"exported to {out}; load with taskhead.load('{out}')")
 
 

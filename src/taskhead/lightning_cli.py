@@ -70,9 +70,7 @@ def given_on_command_line(argv: list[str], key: str) -> bool:
 
 def run_name_from_file(path: str) -> str:
     """``data/my_reviews.csv.gz`` → ``my_reviews``."""
-    name = Path(path).name
-    for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".txt"):
-        name = name.removesuffix(suffix)
+    name = Path(Path(path).name.removesuffix(".gz")).stem
     return re.sub(r"[^\w.-]+", "_", name) or "run"
 
 

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -129,7 +129,13 @@ class RunManifest(SaveConfigCallback):
         write_json(run_dir(trainer) / name, manifest)
 
 
-class LastCheckpoint(Callback):
+def model_checkpoint(trainer: L.Trainer | None) -> ModelCheckpoint | None:
+    """The run's best-checkpoint callback (``trainer.checkpoint_callback`` is the first of any ``Checkpoint`` kind)."""
+    callbacks = trainer.checkpoint_callbacks if trainer is not None else []
+    return next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
+class LastCheckpoint(Checkpoint):
     """``last.ckpt``: the newest training state, for ``--ckpt_path last`` after a crash or a pre-emption.
 
     Written at the end of every training epoch (after its validation, so the best-score bookkeeping is current) and,
@@ -137,6 +143,9 @@ class LastCheckpoint(Callback):
     loader's position, so a resume continues the epoch. Lightning's ``ModelCheckpoint(save_last=True)`` refreshes
     ``last.ckpt`` only when it also saves a top-k checkpoint, so after an epoch that did not improve the monitored
     metric its ``last.ckpt`` is stale; this callback replaces it.
+
+    A ``Checkpoint`` callback, so Lightning runs it after ``ModelCheckpoint`` (which it always moves last): at an
+    epoch end where ``ModelCheckpoint`` saves a new best, ``last.ckpt`` then records it, and a resume knows its best.
 
     It holds the optimiser state (for an exact resume), so it is several times the size of the weights-only best
     checkpoint; ``enabled: false`` turns it off. On SIGTERM (a scheduler's pre-emption, ``kill``) or a first Ctrl+C,
@@ -160,7 +169,7 @@ class LastCheckpoint(Callback):
     def _save(self, trainer: L.Trainer) -> None:
         if not self.enabled or trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.fast_dev_run:
             return
-        ckpt_cb = trainer.checkpoint_callback
+        ckpt_cb = model_checkpoint(trainer)
         dirpath = self.dirpath or getattr(ckpt_cb, "dirpath", None) or run_dir(trainer) / "checkpoints"
         self.last_path = Path(dirpath) / self.FILENAME
         trainer.save_checkpoint(self.last_path, weights_only=False)  # every rank calls it; rank 0 writes

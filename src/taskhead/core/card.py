@@ -10,11 +10,12 @@ that is not on disk is left out of the metadata and named as unknown in the text
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from taskhead.core.pretrained import hub_offline
 
 # Task module class → (Hub task id, what the card calls the task). The Hub id doubles as ``pipeline_tag`` when the
 # export keeps the backbone's own head; multiple choice has no pipeline, so it never gets one.
@@ -57,6 +58,12 @@ def validation_facts(ckpt: dict, ckpt_name: str) -> dict | None:
     """The monitored metric from the ModelCheckpoint state saved in the checkpoint. ``own`` says whether the value
     belongs to this very checkpoint (it is one of the run's top-k files) or is the run's best at the time of saving
     (e.g. ``last.ckpt``, whose own score Lightning does not record)."""
+    own_state = ckpt.get("taskhead") or {}
+    monitor = own_state.get("monitor")
+    if "callbacks" not in ckpt and monitor and monitor in (own_state.get("val_metrics") or {}):
+        # a weights-only best checkpoint: saved right after its validation, whose scores it carries itself
+        return {"monitor": monitor, "value": float(own_state["val_metrics"][monitor]), "own": True, "best": ckpt_name,
+                "mode": own_state.get("monitor_mode") or "max"}
     for key, state in ckpt.get("callbacks", {}).items():
         if not key.startswith("ModelCheckpoint") or not state.get("monitor") or state.get("best_model_score") is None:
             continue
@@ -69,8 +76,9 @@ def validation_facts(ckpt: dict, ckpt_name: str) -> dict | None:
 
 
 def _tested_checkpoint(run: Path) -> Path | None:
-    """The ``--ckpt_path`` a run's manifest records (None when it names none, or only ``last``/``best``)."""
-    manifest = _read_json(run / "manifest.json") or {}
+    """The ``--ckpt_path`` a run's manifest records (None when it names none, or only ``last``/``best``). ``taskhead
+    test`` on a checkpoint inside a run writes ``manifest-test.json`` beside the fit's ``manifest.json``."""
+    manifest = _read_json(run / "manifest-test.json") or _read_json(run / "manifest.json") or {}
     config = manifest.get("config")
     if isinstance(config, str):
         try:
@@ -138,11 +146,6 @@ def base_card_metadata(source: str) -> dict[str, Any]:
     except Exception:  # no card, no network, malformed front matter: say nothing rather than guess
         return {}
     return {k: data[k] for k in ("license", "license_name", "license_link") if data.get(k)}
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them once, at import)."""
-    return any(os.environ.get(k, "").lower() in ("1", "on", "yes", "true") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def is_hub_id(source: str) -> bool:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from taskhead.core.card import hub_offline, run_facts, write_card
+from taskhead.core.card import run_facts, write_card
+from taskhead.core.pretrained import hub_offline
 from taskhead.core.module import EXPORT_CONFIG, HEAD_WEIGHTS
 from taskhead.core.pretrained import load_tokenizer
 from taskhead.errors import TaskheadError

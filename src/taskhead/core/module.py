@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torchmetrics import MeanMetric
 
+from taskhead.core.callbacks import model_checkpoint
 from taskhead.core.heads import HeadConfig, build_head
 from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, param_groups
@@ -151,14 +152,15 @@ class TaskModule(L.LightningModule):
         still loads with ``weights_only=True``."""
         trainer = self._trainer
         metrics = trainer.callback_metrics if trainer is not None else {}
-        monitor = getattr(trainer.checkpoint_callback, "monitor", None) if trainer is not None else None
+        ckpt_cb = model_checkpoint(trainer)
         checkpoint["taskhead"] = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": random.getstate(),
             "skipped_batches": self.skipped_batches,
             "val_metrics": {k: float(v) for k, v in metrics.items() if k.startswith("val/") and v.numel() == 1},
-            "monitor": monitor,
+            "monitor": getattr(ckpt_cb, "monitor", None),
+            "monitor_mode": getattr(ckpt_cb, "mode", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

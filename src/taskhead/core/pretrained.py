@@ -51,8 +51,8 @@ OFFLINE_HINT = ("offline, use the configs in configs/offline/ (e.g. --config con
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or \
-        os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes")
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them once, at import)."""
+    return any(os.environ.get(k, "").lower() in ("1", "on", "yes", "true") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 @functools.cache

@@ -17,6 +17,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from taskhead.core.callbacks import model_checkpoint
+
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -124,7 +126,7 @@ class RunSummary(Callback):
 
 
 def best_line(trainer: L.Trainer) -> str:
-    cb = trainer.checkpoint_callback
+    cb = model_checkpoint(trainer)
     if cb is None or not getattr(cb, "monitor", None):
         return "[fit] done (no checkpoint callback monitors a metric)"
     if not cb.best_model_path or cb.best_model_score is None:
