@@ -249,3 +249,16 @@ def test_offline_hub_model_fails_at_once_naming_the_offline_configs(monkeypatch)
         assert "cannot connect to 127.0.0.1" in pretrained.hub_unreachable()
     finally:
         pretrained.hub_unreachable.cache_clear()
+
+
+def test_early_stopping_from_yaml_keeps_its_state_in_last_ckpt(tiny_bert, review_files, tmp_path):
+    """min_delta 100 on a metric in [0, 1]: the second validation cannot improve, so patience 1 stops the run there."""
+    args = small_fit_args(tiny_bert, review_files, tmp_path, "--trainer.max_epochs", "5",
+                          "--early_stopping", "{patience: 1, min_delta: 100}")
+    proc = run_taskhead(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
+    assert last["epoch"] == 1  # stopped after its second epoch of five
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("EarlyStopping"))
+    assert state["wait_count"] == 1 and state["stopped_epoch"] == 1 and "'monitor': 'val/acc'" in next(
+        k for k in last["callbacks"] if k.startswith("EarlyStopping"))

@@ -18,13 +18,14 @@ import logging
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import yaml
 from lightning.fabric.connector import _PRECISION_INPUT
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -100,6 +101,24 @@ def config_differences(saved: dict, now: dict, sections=("seed_everything", "mod
     return [f"{k}: {a.get(k)!r} (that run) vs {b.get(k)!r} (now)" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when the validation metric stops improving. Its state (the best score, the validations without
+    improvement) is saved in ``last.ckpt``, so a resumed run keeps counting where it stopped.
+
+    Args:
+        monitor: The metric to watch (default: the checkpoint's ``monitor``).
+        patience: Validations without improvement before stopping.
+        mode: ``max`` or ``min`` (default: the checkpoint's ``mode``).
+        min_delta: The least change that counts as an improvement.
+    """
+
+    monitor: str | None = None
+    patience: int = 3
+    mode: Literal["max", "min"] | None = None
+    min_delta: float = 0.0
+
+
 class TaskheadCLI(LightningCLI):
     def __init__(self, *args: Any, args_list: list[str] | None = None, **kwargs: Any) -> None:
         self.argv = list(args_list or [])
@@ -110,6 +129,8 @@ class TaskheadCLI(LightningCLI):
         parser.add_argument("--name", type=str | None, default=None,
                             help="Run name: a run lives in <trainer.default_root_dir>/<name>/version_N. Default: the "
                                  "config's name, or the training file's name when --data.train_file is given.")
+        parser.add_argument("--early_stopping", type=EarlyStoppingConfig | None, default=None,
+                            help="Early stopping, e.g. {patience: 3}; null (default): off")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # best-step=N-<metric>=V.ckpt (weights only) by the monitored metric; last.ckpt (full state) from LastCheckpoint
         parser.set_defaults({"checkpoint.save_last": False, "checkpoint.auto_insert_metric_name": False,
@@ -230,6 +251,13 @@ class TaskheadCLI(LightningCLI):
         # Always on, whatever the YAML's callback list says: they only observe the run.
         # Rich in a terminal; in a log file (background runs, CI) plain lines at least every 30 s.
         extra = [Throughput(), RunSummary(), GracefulStop(), ValidateAtMaxSteps()]
+        if (stop := self._get(self.config_init, "early_stopping")) is not None:
+            ck = self._get(self.config_init, "checkpoint")
+            monitor = stop.monitor or ck.monitor
+            if not monitor:
+                raise TaskheadError("--early_stopping needs a monitor (or --checkpoint.monitor)")
+            extra.append(EarlyStopping(monitor=monitor, patience=stop.patience, min_delta=stop.min_delta,
+                                       mode=stop.mode or ck.mode or "min"))
         if trainer_cfg.get("enable_progress_bar") is not False:
             extra.append(RichProgressBar(leave=True) if sys.stdout.isatty() else LineProgress())
         if kwargs.get("logger", logger) is not False:
