@@ -537,6 +537,7 @@ class NerModule(TaskModule):
         self.test_artifacts: dict = {}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # RNG states and skipped batches: an exact mid-epoch resume
         # Tag ids index label_names: a data label order other than the trained one would score garbage, silently.
         saved = checkpoint.get("hyper_parameters", {}).get("label_names")
         if saved and list(saved) != self.label_names:
