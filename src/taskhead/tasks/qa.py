@@ -14,6 +14,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -122,20 +123,28 @@ def prepare_features(tokenizer, questions: list[str], contexts: list[str], max_l
 
 
 class ExampleBatchSampler:
-    """Prediction batches that keep all windows of an example together (longest first; ranks take every n-th batch),
-    so each ``predict_step`` returns finished answers in the order-independent ``idx`` form the writer expects."""
+    """Prediction batches of at most ``batch_size`` windows that keep the windows of an example together (longest
+    first), so ``predict_step`` finishes the examples it sees. An example with more windows than a batch holds fills
+    consecutive batches of its own, whose candidates ``predict_step`` carries over. Ranks take every n-th group of
+    batches: all windows of an example stay on one rank."""
 
     def __init__(self, examples: Sequence[int], lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0):
         groups: dict[int, list[int]] = {}
         for row, ex in enumerate(examples):
             groups.setdefault(ex, []).append(row)
-        batches, cur = [], []
+        units: list[list[list[int]]] = []  # consecutive batches that end with whole examples: one rank's share each
+        cur: list[int] = []
         for ex in sorted(groups, key=lambda ex: -max(lengths[r] for r in groups[ex])):
-            if cur and len(cur) + len(groups[ex]) > batch_size:
-                batches.append(cur)
+            rows = groups[ex]
+            if len(rows) > batch_size:  # a long context: its windows alone, over several batches
+                units.append([rows[i : i + batch_size] for i in range(0, len(rows), batch_size)])
+                continue
+            if cur and len(cur) + len(rows) > batch_size:
+                units.append([cur])
                 cur = []
-            cur += groups[ex]
-        self.batches = (batches + [cur] if cur else batches)[rank::num_replicas]
+            cur += rows
+        units += [[cur]] if cur else []
+        self.batches = [batch for unit in units[rank::num_replicas] for batch in unit]
 
     def __iter__(self):
         yield from self.batches
@@ -227,9 +236,11 @@ class QADataModule(TaskDataModule):
             out["answer_in_window"] = [s != c for s, c in zip(feats["start_positions"], cls)]
         return out
 
-    def collate(self, features: list[dict]) -> dict:
+    def collate(self, features: list[dict], windows: Counter | None = None) -> dict:
         batch = self.pad_inputs(features)
         batch.update({k: [f[k] for f in features] for k in ("idx", "id", "question", "context", "offsets")})
+        if windows is not None:
+            batch["n_windows"] = [windows[f["idx"]] for f in features]
         if "answers" in features[0]:
             batch["answers"] = [f["answers"]["text"] for f in features]
         if "start_positions" in features[0]:
@@ -251,7 +262,10 @@ class QADataModule(TaskDataModule):
         ds = self.datasets["predict"]
         sampler = ExampleBatchSampler(ds["idx"], ds["length"], self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
                                       num_replicas=world, rank=rank)
-        return self._loader("predict", sampler)
+        loader = self._loader("predict", sampler)
+        # windows per question: predict_step answers a question once it has seen them all (some span several batches)
+        loader.collate_fn = partial(self.collate, windows=Counter(ds["idx"]))
+        return loader
 
 
 # ---- post-processing ------------------------------------------------------------------------------------------------
@@ -378,6 +392,7 @@ class QAModule(TaskModule):
         # head None: the family's own span head (qa_outputs), a standard HF export; else a custom head on every token
         self.build_model(AutoModelForQuestionAnswering, self.head_cfg, 2)
         self.streams: dict[str, dict[int, dict]] = {"val": {}, "test": {}}
+        self.pending: dict[int, dict] = {}  # prediction: questions whose windows are not all seen yet
         self.test_artifacts: dict = {}
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,12 +462,25 @@ class QAModule(TaskModule):
         }
 
     # ---- prediction ---------------------------------------------------------------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        self.pending = {}  # nothing left over from an interrupted run
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        start, end = self(batch["inputs"])  # whole questions per batch (ExampleBatchSampler)
-        per_example: dict[int, list] = {}
+        """Answers of the questions whose last window is in this batch. A question's windows come in one batch or, for
+        a context longer than a batch holds, in consecutive batches (ExampleBatchSampler): its n-best waits here."""
+        start, end = self(batch["inputs"])
+        done = []
         for w, cands in enumerate(self._window_candidates(start, end, batch["inputs"]["attention_mask"], batch["offsets"])):
-            per_example.setdefault(batch["idx"][w], [batch["id"][w], batch["context"][w], []])[2].extend(cands)
-        return [{"idx": idx, "id": qid, **best_answer(c, ctx, self.n_best)} for idx, (qid, ctx, c) in per_example.items()]
+            ex = self.pending.setdefault(batch["idx"][w], {"id": batch["id"][w], "context": batch["context"][w], "cands": [], "seen": 0})
+            ex["cands"] = merge_candidates(ex["cands"] + cands, self.n_best)  # never more than n_best per question
+            ex["seen"] += 1
+            if ex["seen"] == batch["n_windows"][w]:
+                done.append(batch["idx"][w])
+        out = []
+        for idx in done:
+            ex = self.pending.pop(idx)
+            out.append({"idx": idx, "id": ex["id"], **best_answer(ex["cands"], ex["context"], self.n_best)})
+        return out
 
     def predict_raw(self, tokenizer, question: str | list[str], context: str | list[str], batch_size: int = 32) -> dict | list[dict]:
         """Question(s) + context(s) → ``{"answer", "start", "end", "score"}`` each (character offsets into the context);
