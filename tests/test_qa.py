@@ -16,10 +16,9 @@ from taskhead.cli import main, run_cli
 from taskhead.core.export import export_checkpoint
 from taskhead.core.pretrained import load_tokenizer
 from taskhead.errors import TaskheadError
-from taskhead.tasks.qa import (
+from taskhead.tasks.qa import QADataModule, QAModule
+from taskhead.tasks.qa_spans import (
     ExampleBatchSampler,
-    QADataModule,
-    QAModule,
     best_answer,
     prepare_features,
     span_labels,
