@@ -42,7 +42,8 @@ def prepare_models(s: dict, work: Path, names: list[str]) -> dict:
         m = ClassificationModule(MINILM, label_names=["neg", "pos"], max_length=s["predict"]["imdb"]["max_length"])
         made["export_imdb"] = str(m.export(f["export_imdb"], load_tokenizer(MINILM)))
     if any(n.startswith("predict-conll") for n in names):
-        from taskhead.tasks.ner import NerModule, iob2_label_names
+        from taskhead.tasks.ner import NerModule
+        from taskhead.tasks.ner_tags import iob2_label_names
 
         torch.manual_seed(0)
         m = NerModule(MINILM, label_names=iob2_label_names(NER_TYPES), max_length=s["predict"]["conll"]["max_length"])

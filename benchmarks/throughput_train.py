@@ -134,7 +134,7 @@ class HFStepTimer(TrainerCallback):
 
 def conll_examples(path: Path) -> tuple[list[list[str]], list[list[int]], list[str]]:
     """Words, IOB2 tag ids and the label set, with taskhead's own conversions (IOB1 → IOB2, label order)."""
-    from taskhead.tasks.ner import iob2_label_names, read_conll, to_iob2
+    from taskhead.tasks.ner_tags import iob2_label_names, read_conll, to_iob2
 
     sents = [rec["rows"] for _, rec in read_conll(path)]
     words = [[c[0] for c in rows] for rows in sents]

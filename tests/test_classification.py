@@ -199,3 +199,30 @@ def test_freeze_then_unfreeze(tiny_bert, review_files, tmp_path, freeze_steps):
     assert all(p.requires_grad for p in cli.model.parameters()) == (freeze_steps < 4)
     lrs = {g["name"]: g["lr"] for g in cli.trainer.optimizers[0].param_groups}
     assert lrs["backbone.layer_1"] == pytest.approx(1e-3)
+
+
+def test_predict_raw_reads_the_text_pair(tiny_bert, tmp_path):
+    """Sentence pairs: ``predict_raw(texts, text_pairs)`` scores what the DataModule's pair encoding feeds the model in
+    ``taskhead predict`` (both texts, the pair's token types), not the first text alone."""
+    hypotheses = ["the plot was great", "the acting was awful", "a film", "boring"]
+    rows = [{"premise": r["text"], "hypothesis": h} for r, h in zip(make_reviews(4, 5), hypotheses)]
+    dm = dm_for(tiny_bert, tmp_path, predict_file=str(write_jsonl(tmp_path / "pairs.jsonl", rows)),
+                text_field="premise", text_pair_field="hypothesis")
+    dm.setup("predict")
+    torch.manual_seed(0)
+    module = ClassificationModule(tiny_bert, label_names=["entailment", "neutral", "contradiction"]).eval()
+    batch = next(iter(dm.predict_dataloader()))
+    assert (batch["inputs"]["token_type_ids"] == 1).any()  # the pair is really encoded as a pair
+    with torch.inference_mode():
+        probs = module(batch["inputs"]).float().softmax(-1)
+        by_idx = {int(i): p.tolist() for i, p in zip(batch["idx"], probs)}
+        premises, pairs = [r["premise"] for r in rows], [r["hypothesis"] for r in rows]
+        got = module.predict_raw(dm.tokenizer, premises, text_pairs=pairs)
+        alone = module.predict_raw(dm.tokenizer, premises)
+        single = module.predict_raw(dm.tokenizer, premises[0], text_pairs=pairs[0])
+    for i, row in enumerate(got):
+        assert list(row["probabilities"].values()) == pytest.approx(by_idx[i], abs=1e-5)
+    assert single == got[0]
+    assert all(a["probabilities"] != pytest.approx(b["probabilities"], abs=1e-6) for a, b in zip(alone, got))
+    with pytest.raises(TaskheadError, match="2 texts but 1 text_pairs"):
+        module.predict_raw(dm.tokenizer, premises[:2], text_pairs=pairs[:1])

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from taskhead.cli import main
 from taskhead.tasks.classification import ClassificationModule
 
-from conftest import ROOT, cli_args, run_taskhead
+from conftest import ROOT, cli_args, run_taskhead, write_jsonl
 
 # 192 reviews, 10 % held out → 173 training examples → 11 batches of 16 per epoch (the shipped config: 2 epochs)
 STEPS_PER_EPOCH, EPOCHS = 11, 2
@@ -35,29 +38,89 @@ def last_checkpoint(root, name: str = "last.ckpt") -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def final_val_acc(ckpt: dict) -> float:
-    state, = (v for k, v in ckpt["callbacks"].items() if "'monitor': 'val/acc'" in k)
+def final_monitored(ckpt: dict, monitor: str) -> float:
+    state, = (v for k, v in ckpt["callbacks"].items() if f"'monitor': '{monitor}'" in k)
     return float(state["current_score"])  # the last validation's value
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_bert, review_files, tmp_path):
+# Every task resumes through TaskModule.on_load_checkpoint (RNG states, skipped batches) and TaskDataModule.state_dict
+# (the loader's position): a task that overrides either and forgets super() resumes inexactly, so each task runs it.
+# Per task: how to build its CLI arguments on small files, training batches per epoch, the checkpoint's monitor and a
+# floor it must beat after 4 epochs (so that two runs that learned nothing cannot pass by agreeing).
+@dataclass
+class ResumeCase:
+    args: Callable[[str, Path], list[str]]  # (tiny model, run root) → CLI arguments
+    steps_per_epoch: int
+    monitor: str | None  # None: no metric to compare (it stays at its floor in 4 epochs); the weights still must match
+    floor: float = 0.0
+
+
+def _classification(tiny_bert, review_files, tmp_path) -> ResumeCase:
+    # 192 reviews, 10 % held out → 173 training examples → 11 batches of 16
     files = {"train": review_files["train"]}
+    return ResumeCase(lambda model, root: cli_args(model, files, root), STEPS_PER_EPOCH, "val/acc", 0.6)
+
+
+def _ner(tiny_bert, review_files, tmp_path) -> ResumeCase:
+    from test_ner import make_conll, ner_args
+
+    files = {}
+    for split, n, seed in (("train", 160, 1), ("validation", 40, 2)):  # 160 sentences → 10 batches of 16
+        (tmp_path / f"{split}.conll").write_text(make_conll(n, seed))
+        files[split] = str(tmp_path / f"{split}.conll")
+    return ResumeCase(lambda model, root: ner_args(model, files, root), 10, "val/f1", 0.8)  # reaches 0.96
+
+
+def _multiple_choice(tiny_bert, review_files, tmp_path) -> ResumeCase:
+    from test_multiple_choice import make_items, mc_args
+
+    files = {"train": str(write_jsonl(tmp_path / "train.jsonl", make_items(160, 1)))}  # 10 % held out → 9 batches
+    return ResumeCase(lambda model, root: mc_args(model, files, root), 9, "val/acc", 0.4)  # chance: 0.25
+
+
+def _qa(tiny_bert, review_files, tmp_path) -> ResumeCase:
+    from test_qa import make_squad, qa_args
+
+    files = {"train": make_squad(tmp_path / "train.json", 96, 1, "tr"), "validation": make_squad(tmp_path / "dev.json", 24, 2, "dev")}
+    return ResumeCase(lambda model, root: qa_args(model, files, root), 11, "val/f1", 50.0)  # 174 windows → 11 batches
+
+
+def _seq2seq(tiny_bert, review_files, tmp_path) -> ResumeCase:
+    from test_seq2seq import cli, make_pairs
+
+    files = {"train": str(write_jsonl(tmp_path / "train.jsonl", make_pairs(96, 1)))}  # 10 % held out → 11 batches of 8
+    # BERT2BERT, whole epochs (the shared helper trains 3 batches). A tiny random BERT2BERT generates nothing useful in
+    # 4 epochs (val/rougeL stays 0, so ModelCheckpoint records no current score after the resume): only the weights are
+    # compared, and dropout makes them differ on an inexact resume.
+    return ResumeCase(lambda model, root: [*cli(model, "encoder_decoder", files, root), "--trainer.limit_train_batches", "1.0"],
+                      11, None)
+
+
+RESUME_CASES = {"classification": _classification, "ner": _ner, "multiple_choice": _multiple_choice, "qa": _qa,
+                "seq2seq": _seq2seq}
+
+
+@pytest.mark.parametrize("task", list(RESUME_CASES))
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(task, tiny_bert, review_files, tmp_path):
+    case = RESUME_CASES[task](tiny_bert, review_files, tmp_path)
     fast = ("--last_checkpoint.every_n_steps", "3", "--model.optimizer.lr", "3e-3", "--model.scheduler.warmup_ratio", "0",
             "--trainer.max_epochs", "4")
-    env_path = {"PYTHONPATH": str(ROOT / "tests")}
+    # the kill callback's module, and the caller's PYTHONPATH kept: the runs import the checkout under test
+    env_path = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)}
 
     straight = tmp_path / "straight"
-    proc = run_taskhead("fit", *cli_args(tiny_bert, files, straight, *fast))
+    proc = run_taskhead("fit", *case.args(tiny_bert, straight), *fast)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    args = cli_args(tiny_bert, files, killed, *fast)
+    args = [*case.args(tiny_bert, killed), *fast]
     kill = '{"class_path": "test_faults.KillAtStep", "init_args": {"step": 16}}'
     proc = run_taskhead("fit", *args, f"--trainer.callbacks+={kill}", env=env_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     at_kill = last_checkpoint(killed)
-    assert at_kill["global_step"] == 15  # written at step 15, mid-way through epoch 2 (steps 12–22 of 44)
-    assert at_kill["ClassificationDataModule"] == {"train_epoch": 1, "train_batches_done": 4}
+    assert at_kill["global_step"] == 15  # written at step 15, mid-way through the second epoch
+    data_state, = (v for k, v in at_kill.items() if k.endswith("DataModule"))
+    assert data_state == {"train_epoch": 15 // case.steps_per_epoch, "train_batches_done": 15 % case.steps_per_epoch}
     assert not list(killed.rglob("*.tmp"))  # nothing half-written: checkpoints land by rename
 
     proc = run_taskhead("fit", *args, "--ckpt_path", "last")
@@ -65,9 +128,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_bert, r
     assert "[resume] --ckpt_path last" in proc.stderr
     resumed, reference = last_checkpoint(killed), last_checkpoint(straight)  # one version dir: the run continued
 
-    assert resumed["global_step"] == reference["global_step"] == STEPS_PER_EPOCH * 4
-    assert final_val_acc(reference) > 0.6  # it learned something, so the comparison can fail
-    assert final_val_acc(resumed) == pytest.approx(final_val_acc(reference), abs=1e-3)
+    assert resumed["global_step"] == reference["global_step"] == case.steps_per_epoch * 4
+    if case.monitor:
+        assert final_monitored(reference, case.monitor) > case.floor  # it learned something, so the comparison can fail
+        assert final_monitored(resumed, case.monitor) == pytest.approx(final_monitored(reference, case.monitor), abs=1e-3)
     # same batches in the same order with the same dropout draws: the weights match, not just the metric
     for name, value in reference["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)

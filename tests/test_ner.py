@@ -16,18 +16,17 @@ import taskhead
 from taskhead.cli import run_cli
 from taskhead.core.export import export_checkpoint
 from taskhead.errors import TaskheadError
-from taskhead.tasks.ner import (
-    NerDataModule,
-    NerModule,
+from taskhead.tasks.ner import NerDataModule, NerModule
+from taskhead.tasks.ner_tags import (
     align_labels,
     allowed_transitions,
-    chunks,
     decode,
     first_subtokens,
     inside_map,
     ner_metrics,
     read_conll,
     split_words,
+    to_entities,
     to_iob2,
     viterbi_decode,
     word_scores,
@@ -203,10 +202,18 @@ def test_word_scores_use_first_subtoken_only():
     assert probs[0][2] == pytest.approx(1.0) and 0.99 < probs[0][0] < 1.0
 
 
-def test_chunks_and_raw_text_offsets():
-    assert chunks(["B-PER", "I-PER", "O", "I-LOC", "I-ORG", "B-ORG", "I-ORG"]) == [("PER", 0, 1), ("LOC", 3, 3), ("ORG", 4, 4), ("ORG", 5, 6)]
-    words, offsets = split_words("Angela Merkel visited Paris.")
-    assert words == ["Angela", "Merkel", "visited", "Paris", "."] and offsets[3] == [22, 27]
+def test_entities_with_character_offsets():
+    text = "Angela Merkel visited New Zealand, Reuters EU Acme Corp said."
+    words, offsets = split_words(text)
+    assert words[:4] == ["Angela", "Merkel", "visited", "New"] and offsets[3] == [22, 25]
+    # conlleval grouping (seqeval's get_entities): a stray I-LOC after O opens an entity, I-ORG after I-LOC opens
+    # another, B-ORG splits two adjacent ORGs; the entity text runs from its first word's start to its last word's end
+    tags = ["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "O", "I-ORG", "B-ORG", "B-ORG", "I-ORG", "O", "O"]
+    probs = [0.9, 0.7, 1.0, 0.6, 0.8, 1.0, 0.5, 0.4, 1.0, 0.8, 1.0, 1.0]
+    got = [(e["type"], e["text"], e["start"], e["end"], round(e["score"], 6)) for e in to_entities(text, offsets, tags, probs)]
+    assert got == [("PER", "Angela Merkel", 0, 13, 0.8), ("LOC", "New Zealand", 22, 33, 0.7), ("ORG", "Reuters", 35, 42, 0.5),
+                   ("ORG", "EU", 43, 45, 0.4), ("ORG", "Acme Corp", 46, 55, 0.9)]
+    assert to_entities(text, offsets, ["O"] * len(words), [1.0] * len(words)) == []
 
 
 # ---- metric ---------------------------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ from taskhead.cli import main, run_cli
 from taskhead.core.export import export_checkpoint
 from taskhead.core.pretrained import load_tokenizer
 from taskhead.errors import TaskheadError
-from taskhead.tasks.qa import (
+from taskhead.tasks.qa import QADataModule, QAModule
+from taskhead.tasks.qa_spans import (
     ExampleBatchSampler,
-    QADataModule,
-    QAModule,
     best_answer,
     prepare_features,
     span_labels,
@@ -101,6 +100,46 @@ def test_hub_shaped_record_and_example_sampler(tiny_bert, tmp_path):
     assert dm.parse_record(rec, "rajpurkar/squad[train] row 0", "train")["answers"] == {"text": ["b"], "answer_start": [2]}
     sampler = ExampleBatchSampler(examples=[0, 0, 0, 1, 2, 2], lengths=[9, 9, 5, 3, 8, 2], batch_size=4)
     assert list(sampler) == [[0, 1, 2], [4, 5, 3]]  # whole questions per batch, longest first
+
+
+def test_example_sampler_never_exceeds_the_batch_size():
+    # question 1 has 5 windows, more than a batch of 2 holds: it fills batches of its own, in window order
+    examples, lengths = [0, 1, 1, 1, 1, 1, 2, 3], [4, 9, 9, 9, 9, 6, 5, 3]
+    sampler = ExampleBatchSampler(examples, lengths, batch_size=2)
+    assert list(sampler) == [[1, 2], [3, 4], [5], [6, 0], [7]]
+    # two ranks: every batch within the size, every window on exactly one rank, all windows of a question on one rank
+    ranks = [list(ExampleBatchSampler(examples, lengths, batch_size=2, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert all(len(b) <= 2 for batches in ranks for b in batches)
+    rows = [row for batches in ranks for b in batches for row in b]
+    assert sorted(rows) == list(range(len(examples)))
+    owner = {examples[row]: r for r, batches in enumerate(ranks) for b in batches for row in b}
+    assert all(owner[examples[row]] == r for r, batches in enumerate(ranks) for b in batches for row in b)
+
+
+def test_predict_batches_split_long_contexts_and_answers_match_predict_raw(tiny_bert, tmp_path):
+    """A context with more windows than an eval batch holds: batches stay within the size, and predict_step (which
+    carries a question's candidates over to its next batch) gives the answers predict_raw gives on whole questions."""
+    long_context = " ".join(WORDS * 2)  # 80 one-piece words: several windows of 32 tokens
+    rows = [{"id": "long", "question": "where is the king?", "context": long_context},
+            {"id": "short", "question": "who?", "context": "the boy and the girl"},
+            {"id": "long2", "question": "which bird?", "context": " ".join(reversed(WORDS * 2))}]
+    dm = dm_for(tiny_bert, tmp_path, predict_file=str(write_jsonl(tmp_path / "p.jsonl", rows)), max_length=32,
+                doc_stride=8, eval_batch_size=2)
+    dm.setup("predict")
+    assert max(dm.datasets["predict"]["idx"].count(i) for i in range(3)) > 2  # the case under test
+    torch.manual_seed(0)
+    module = QAModule(tiny_bert, max_length=32, doc_stride=8).eval()
+    got = []
+    with torch.inference_mode():
+        for batch in dm.predict_dataloader():
+            assert batch["inputs"]["input_ids"].shape[0] <= 2
+            got += module.predict_step(batch, 0)
+        expected = module.predict_raw(dm.tokenizer, [r["question"] for r in rows], [r["context"] for r in rows])
+    assert sorted(r["idx"] for r in got) == [0, 1, 2]  # every question answered once
+    for r in got:
+        want = expected[r["idx"]]
+        assert (r["id"], r["answer"], r["start"], r["end"]) == (rows[r["idx"]]["id"], want["answer"], want["start"], want["end"])
+        assert r["score"] == pytest.approx(want["score"], abs=1e-5)
 
 
 # ---- post-processing ------------------------------------------------------------------------------------------------

@@ -284,11 +284,17 @@ class ClassificationModule(TaskModule):
         preds = to_predictions(self(batch["inputs"]).float().softmax(-1), self.label_names)
         return [{"idx": int(i), **p} for i, p in zip(batch["idx"], preds)]
 
-    def predict_raw(self, tokenizer, texts: str | list[str], batch_size: int = 64) -> dict | list[dict]:
-        """Raw text(s) → ``{"label", "score", "probabilities"}`` per text (a single dict for a single string)."""
+    def predict_raw(self, tokenizer, texts: str | list[str], batch_size: int = 64,
+                    text_pairs: str | list[str] | None = None) -> dict | list[dict]:
+        """Raw text(s) → ``{"label", "score", "probabilities"}`` per text (a single dict for a single string).
+        ``text_pairs``: the second text of each (sentence-pair models, e.g. NLI: premise, hypothesis), encoded as
+        the DataModule's ``text_pair_field`` is."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        enc = [tokenizer(t, truncation=True, max_length=self.max_length) for t in texts]
+        pairs = [None] * len(texts) if text_pairs is None else [text_pairs] if isinstance(text_pairs, str) else list(text_pairs)
+        if len(pairs) != len(texts):
+            raise TaskheadError(f"{len(texts)} texts but {len(pairs)} text_pairs")
+        enc = [tokenizer(t, p, truncation=True, max_length=self.max_length) for t, p in zip(texts, pairs)]
 
         def run(inputs, _idx):
             return to_predictions(self(inputs).float().softmax(-1), self.label_names)
