@@ -10,7 +10,7 @@ th=.venv/bin/taskhead
 root=runs/quickstart-$(date +%Y%m%d-%H%M%S)   # a fresh root per run: the lines below find its files without guessing
 
 $th fit --config configs/imdb.yaml --config configs/offline/imdb.yaml --config examples/imdb/quickstart.yaml \
-    --trainer.default_root_dir "$root"
+    --trainer.default_root_dir "$root" "$@"     # extra fit options pass through, e.g. --trainer.precision 32-true
 ckpt=$(ls "$root"/quickstart/version_0/checkpoints/best-*.ckpt)
 # the checkpoint is enough: the run's saved config supplies the rest, and results land in the same run directory
 $th test --ckpt_path "$ckpt"

@@ -18,9 +18,10 @@ SUBCOMMANDS = {
     "test": "Score the test split, write metrics.json: taskhead test --ckpt_path CKPT",
     "predict": "Predict on a file, write predictions.jsonl: taskhead predict --ckpt_path CKPT --data.predict_file F",
     "export": "Checkpoint → Hugging Face directory (safetensors): taskhead export --ckpt_path CKPT --out DIR",
+    "tune": "Optuna search over any fit option: taskhead tune --config C --tune.space S --tune.metric val/acc",
 }
 
-HELP = """usage: taskhead {fit,validate,test,predict,export} [options]
+HELP = """usage: taskhead {fit,validate,test,predict,export,tune} [options]
 
 Fine-tune pretrained Hugging Face transformers with PyTorch Lightning: heads, losses, schedules and official
 metrics from YAML.
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] == "export":
             export_main(argv[1:])
+        elif argv[0] == "tune":
+            from taskhead.tune import tune_main
+
+            tune_main(argv[1:])
         elif argv[0] not in SUBCOMMANDS:
             raise TaskheadError(f"unknown subcommand '{argv[0]}' (choose from {', '.join(SUBCOMMANDS)}; taskhead --help)")
         else:
