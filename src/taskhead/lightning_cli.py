@@ -94,11 +94,17 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Options that do not change what training computes: they may differ between a run and its resume.
+RESUME_FREE = ("num_workers", "cache_dir", "eval_batch_size", "test_file", "predict_file", "max_eval_samples")
+
+
 def config_differences(saved: dict, now: dict, sections=("seed_everything", "model", "data")) -> list[str]:
-    """``key: saved → now`` for every option in ``sections`` that differs between two dumped configs."""
+    """``key: saved → now`` for every option in ``sections`` that differs between two dumped configs (evaluation-only
+    data options aside)."""
     a = flat({k: saved.get(k) for k in sections})
     b = flat({k: now.get(k) for k in sections})
-    return [f"{k}: {a.get(k)!r} (that run) vs {b.get(k)!r} (now)" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    keys = [k for k in sorted(a.keys() | b.keys()) if not k.endswith(RESUME_FREE)]
+    return [f"{k}: {a.get(k)!r} (that run) vs {b.get(k)!r} (now)" for k in keys if a.get(k) != b.get(k)]
 
 
 @dataclass
