@@ -251,9 +251,7 @@ class TaskheadCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer")
         root, name, version = self.run_location or (DEFAULT_ROOT_DIR, "taskhead", None)
         kwargs.setdefault("default_root_dir", root)
-        logger = trainer_cfg.get("logger")
-        if logger is None or logger is True:  # Lightning's default logger, placed under the run's root and name
-            kwargs["logger"] = TensorBoardLogger(save_dir=root, name=name, version=version, default_hp_metric=False)
+        kwargs["logger"] = self._loggers(trainer_cfg.get("logger"), root, name, version)
         # Always on, whatever the YAML's callback list says: they only observe the run.
         # Rich in a terminal; in a log file (background runs, CI) plain lines at least every 30 s.
         extra = [Throughput(), RunSummary(), GracefulStop(), ValidateAtMaxSteps()]
@@ -266,12 +264,28 @@ class TaskheadCLI(LightningCLI):
                                        mode=stop.mode or ck.mode or "min"))
         if trainer_cfg.get("enable_progress_bar") is not False:
             extra.append(RichProgressBar(leave=True) if sys.stdout.isatty() else LineProgress())
-        if kwargs.get("logger", logger) is not False:
+        if kwargs["logger"] is not False:
             extra.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = [*as_list(trainer_cfg.get("callbacks")), *extra]
         if not trainer_cfg.get("plugins") and not any(s in str(trainer_cfg.get("strategy")).lower() for s in ("deepspeed", "fsdp")):
             kwargs["plugins"] = [AtomicCheckpointIO()]  # sharded strategies write checkpoint directories their own way
         return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def _loggers(configured, root: str, name: str, version: str | None):
+        """The run directory is always ``<root>/<name>/version_N``, owned by a TensorBoard logger; experiment trackers
+        given as ``--trainer.logger`` (MLflow, W&B, CSV, any Lightning logger) log beside it, so the run directory,
+        manifest, metrics.json, predictions and ``--ckpt_path last`` are the same whichever tracker is used."""
+        if configured is False:
+            return False
+        run_logger = TensorBoardLogger(save_dir=root, name=name, version=version, default_hp_metric=False)
+        trackers = [t for t in as_list(None if configured is True else configured) if not isinstance(t, TensorBoardLogger)]
+        if len(trackers) < len(as_list(None if configured is True else configured)):
+            rank_zero_info(f"[logger] TensorBoard logs go to the run directory under {root}/{name}; the configured "
+                           "TensorBoardLogger's own save_dir is not used")
+        for tracker in trackers:
+            rank_zero_info(f"[logger] also logging to {type(tracker).__name__}")
+        return [run_logger, *trackers]
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
         if config.get("enable_checkpointing") is False:  # Lightning's own switch turns taskhead's checkpoints off too
