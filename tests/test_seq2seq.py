@@ -304,10 +304,12 @@ def cli(model: str, arch: str, files: dict[str, str], run_root: Path, *extra: st
     return args + list(extra)
 
 
-@pytest.mark.parametrize("arch", ["encoder_decoder", "causal"])
-def test_cli_fit_test_predict_export(arch, tiny_bert, tiny_llama, pair_files, tmp_path):
-    model = tiny_bert if arch == "encoder_decoder" else tiny_llama
+@pytest.mark.parametrize("arch", ["encoder_decoder", "causal", "causal_chat"])
+def test_cli_fit_test_predict_export(arch, tiny_bert, tiny_llama, tiny_chat_llama, pair_files, tmp_path):
+    model = {"encoder_decoder": tiny_bert, "causal": tiny_llama, "causal_chat": tiny_chat_llama}[arch]
     extra = ("--model.source_prefix", "Text: ", "--data.source_prefix", "Text: ")
+    if arch == "causal_chat":  # the chat template in fit, test, predict and the export (taskhead.load)
+        arch, extra = "causal", (*extra, "--model.chat_template", "true", "--data.chat_template", "true")
     fit = run_cli(["fit", *cli(model, arch, {"train": pair_files["train"]}, tmp_path, *extra)])
     run = Path(fit.trainer.log_dir)
     assert "val/rougeL" in fit.trainer.callback_metrics

@@ -217,7 +217,7 @@ class Seq2SeqModule(TaskModule):
 
     def on_test_start(self) -> None:
         if self.weights == "pretrained":  # `taskhead test` without --ckpt_path: a zero-shot baseline
-            rank_zero_info(f"[test] no --ckpt_path: scoring {self.model_name_or_path} as configured, without fine-tuning "
+            rank_zero_info(f"[test] no --ckpt_path: scoring {self.hparams['model_name_or_path']} as configured, without fine-tuning "
                            "(zero-shot)")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
