@@ -43,7 +43,7 @@ BUDGET = {  # every value is passed on the command line (and stored in the resul
     "wmt16_en_ro": {
         "common": ["--data.max_eval_samples", "100", "--data.max_length", "96", "--data.max_target_length", "96",
                    "--data.eval_batch_size", "20", "--model.generation.max_new_tokens", "96"],
-        "fit": ["--data.max_train_samples", "480", "--data.batch_size", "8", "--trainer.max_epochs", "1",
+        "fit": ["--data.max_train_samples", "320", "--data.batch_size", "8", "--trainer.max_epochs", "1",
                 "--model.val_generate_samples", "20"],
     },
 }

@@ -215,10 +215,16 @@ class Seq2SeqModule(TaskModule):
         super().on_load_checkpoint(checkpoint)
         self.weights = "checkpoint"
 
+    def _say_zero_shot(self, stage: str) -> None:
+        if self.weights == "pretrained":  # `taskhead test|validate` without --ckpt_path: a zero-shot baseline
+            rank_zero_info(f"[{stage}] no --ckpt_path: scoring {self.hparams['model_name_or_path']} as configured, "
+                           "without fine-tuning (zero-shot)")
+
     def on_test_start(self) -> None:
-        if self.weights == "pretrained":  # `taskhead test` without --ckpt_path: a zero-shot baseline
-            rank_zero_info(f"[test] no --ckpt_path: scoring {self.hparams['model_name_or_path']} as configured, without fine-tuning "
-                           "(zero-shot)")
+        self._say_zero_shot("test")
+
+    def on_validation_start(self) -> None:
+        self._say_zero_shot("val")  # during fit the weights are "trained" already (on_fit_start runs first)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
