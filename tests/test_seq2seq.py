@@ -181,6 +181,7 @@ def test_chat_template_prompt(tiny_chat_llama, tiny_llama, tmp_path):
     short.setup("fit")
     ids = short.datasets["validation"][0]["input_ids"][: short.datasets["validation"][0]["prompt_length"]]
     assert len(ids) == 12 and tok.decode(ids).startswith("Text: Summarize: ") and tok.decode(ids).endswith("\nSummary: ")
+    assert short.datasets["validation"][0]["full_length"] == len(prompt)  # the report counts the chat frame too
     m = Seq2SeqModule(tiny_chat_llama, architecture="causal", source_prefix="Summarize: ", separator=" ", chat_template=True,
                       generation={"num_beams": 1, "max_new_tokens": 3})
     assert m.training_loss(dm.collate([dm.datasets["train"][0]])) > 0  # formats agree (chat_template included)

@@ -200,8 +200,13 @@ class Seq2SeqDataModule(TaskDataModule):
         tok, hp = self.tokenizer, self.hparams
         prompts = encode_sources(tok, batch["source"], hp.source_prefix, hp.architecture, hp.separator, hp.max_length,
                                  hp.chat_template)
-        full = tok([hp.source_prefix + s for s in batch["source"]], return_attention_mask=False, verbose=False)["input_ids"]
-        enc: dict[str, list] = {"full_length": [len(x) for x in full]}
+        # the untruncated prompt, as it would be encoded (chat frame and separator included): the data report's truncation
+        before, after = hp.source_prefix, ""
+        if hp.architecture == "causal":
+            before, after = chat_frame(tok, hp.source_prefix, hp.separator) if hp.chat_template else (before, hp.separator)
+        after_len = len(tok(after, add_special_tokens=False)["input_ids"]) if after else 0
+        full = tok([before + s for s in batch["source"]], return_attention_mask=False, verbose=False)["input_ids"]
+        enc: dict[str, list] = {"full_length": [len(x) + after_len for x in full]}
         if "target" not in batch:  # predict: sources only
             enc["input_ids"], enc["length"] = prompts, [len(x) for x in prompts]
             return enc
