@@ -34,9 +34,25 @@ def test_config_parses(config, offline, capsys):
     assert printed["trainer"]["use_distributed_sampler"] is False
 
 
+def hub_config_of(offline: Path) -> Path | None:
+    """``offline/xsum_bert2bert.yaml`` composes after ``xsum.yaml``: the longest Hub config name it starts with."""
+    names = [h for h in HUB if offline.stem == h.stem or offline.stem.startswith(h.stem + "_")]
+    return max(names, key=lambda h: len(h.stem)) if names else None
+
+
 def test_every_offline_config_has_a_hub_config():
     for path in (ROOT / "configs" / "offline").glob("*.yaml"):
-        assert (ROOT / "configs" / path.name).exists(), path
+        assert hub_config_of(path) is not None, path
+
+
+@pytest.mark.parametrize("offline", [p for p in sorted((ROOT / "configs" / "offline").glob("*.yaml"))
+                                     if not (ROOT / "configs" / p.name).exists()], ids=lambda p: p.name)
+def test_offline_variant_parses(offline, capsys):
+    """Offline alternatives with their own name (xsum_bert2bert.yaml) compose after their Hub config too."""
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(hub_config_of(offline)), "--config", str(offline), "--print_config"])
+    assert exc.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"].startswith("taskhead.tasks.")
 
 
 def test_offline_configs_name_no_absolute_paths():

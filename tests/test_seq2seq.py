@@ -5,6 +5,7 @@ decoder-only), and short CLI fit/test/predict runs with export and the taskhead.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,10 @@ import taskhead
 from taskhead.cli import run_cli
 from taskhead.core.export import export_checkpoint
 from taskhead.errors import TaskheadError
+from taskhead.core.metrics import bleu_scores, rouge_scores, split_sentences
+from taskhead.tasks.seq2seq import GeneratedTexts, Seq2SeqModule
+from taskhead.tasks.seq2seq_data import Seq2SeqDataModule, causal_example, chat_frame, parse_file_spec, read_parallel
 from taskhead.tasks.seq2seq_models import hit_limit
-from taskhead.tasks.seq2seq import (
-    GeneratedTexts,
-    Seq2SeqDataModule,
-    Seq2SeqModule,
-    bleu_scores,
-    causal_example,
-    parse_file_spec,
-    read_parallel,
-    rouge_scores,
-    split_sentences,
-)
 
 from conftest import ROOT, run_taskhead, write_jsonl
 
@@ -153,6 +146,51 @@ def test_causal_prompt_masking(tiny_llama, tmp_path):
     assert tok.decode(gen["input_ids"][0][gen["attention_mask"][0].bool()]).endswith("\nSummary: ")
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tiny_llama, tmp_path_factory) -> str:
+    """tiny_llama whose tokenizer has a chat template (plain-text markers: no new tokens, the vocab stays 400)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-chat-llama") / "m"
+    shutil.copytree(tiny_llama, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = ("{% for m in messages %}Text: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}Summary:{% endif %}")
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_chat_template_prompt(tiny_chat_llama, tiny_llama, tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", make_pairs(4))
+    kw = dict(train_file=str(train), validation_file=str(train), architecture="causal", source_prefix="Summarize: ",
+              separator=" ", chat_template=True)
+    dm = dm_for(tiny_chat_llama, tmp_path, **kw)
+    dm.setup("fit")
+    tok = dm.tokenizer
+    assert chat_frame(tok, "P: ", "") == ("Text: P: ", "\nSummary:")
+    ex = dm.datasets["validation"][0]
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Summarize: " + ex["source"]}], tokenize=False,
+                                       add_generation_prompt=True)
+    prompt = tok(rendered + " ")["input_ids"]  # the template's own rendering, then the separator (a prefill)
+    target = tok(ex["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex["input_ids"] == prompt + target and ex["labels"] == [-100] * len(prompt) + target
+    # a long source is cut inside the user turn: the turn's end and the assistant header always survive
+    short = dm_for(tiny_chat_llama, tmp_path / "short", **{**kw, "max_length": 12})
+    short.setup("fit")
+    ids = short.datasets["validation"][0]["input_ids"][: short.datasets["validation"][0]["prompt_length"]]
+    assert len(ids) == 12 and tok.decode(ids).startswith("Text: Summarize: ") and tok.decode(ids).endswith("\nSummary: ")
+    assert short.datasets["validation"][0]["full_length"] == len(prompt)  # the report counts the chat frame too
+    m = Seq2SeqModule(tiny_chat_llama, architecture="causal", source_prefix="Summarize: ", separator=" ", chat_template=True,
+                      generation={"num_beams": 1, "max_new_tokens": 3})
+    assert m.training_loss(dm.collate([dm.datasets["train"][0]])) > 0  # formats agree (chat_template included)
+    with pytest.raises(TaskheadError, match="no chat template"):
+        dm_for(tiny_llama, tmp_path / "plain", **kw).setup("fit")
+    with pytest.raises(TaskheadError, match="needs architecture: causal"):
+        Seq2SeqModule(tiny_chat_llama, architecture="seq2seq", chat_template=True)
+
+
 def test_unknown_target_tokens_warn(tiny_bert, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"document": "the cat", "summary": "🜁 🜂 🜃 cat"}] * 4)
     dm = dm_for(tiny_bert, tmp_path, train_file=str(train), validation_file=str(train))
@@ -267,10 +305,12 @@ def cli(model: str, arch: str, files: dict[str, str], run_root: Path, *extra: st
     return args + list(extra)
 
 
-@pytest.mark.parametrize("arch", ["encoder_decoder", "causal"])
-def test_cli_fit_test_predict_export(arch, tiny_bert, tiny_llama, pair_files, tmp_path):
-    model = tiny_bert if arch == "encoder_decoder" else tiny_llama
+@pytest.mark.parametrize("arch", ["encoder_decoder", "causal", "causal_chat"])
+def test_cli_fit_test_predict_export(arch, tiny_bert, tiny_llama, tiny_chat_llama, pair_files, tmp_path):
+    model = {"encoder_decoder": tiny_bert, "causal": tiny_llama, "causal_chat": tiny_chat_llama}[arch]
     extra = ("--model.source_prefix", "Text: ", "--data.source_prefix", "Text: ")
+    if arch == "causal_chat":  # the chat template in fit, test, predict and the export (taskhead.load)
+        arch, extra = "causal", (*extra, "--model.chat_template", "true", "--data.chat_template", "true")
     fit = run_cli(["fit", *cli(model, arch, {"train": pair_files["train"]}, tmp_path, *extra)])
     run = Path(fit.trainer.log_dir)
     assert "val/rougeL" in fit.trainer.callback_metrics
@@ -294,9 +334,39 @@ def test_cli_fit_test_predict_export(arch, tiny_bert, tiny_llama, pair_files, tm
     assert taskhead.load(out, precision="32-true")(docs) == preds  # same text, same order as `taskhead predict`
 
 
-@pytest.mark.parametrize("task", ["xsum", "wmt16_en_ro"])
-def test_shipped_configs_parse(task, capsys):
-    for extra in ([], ["--config", str(ROOT / f"configs/offline/{task}.yaml")]):
+@pytest.mark.parametrize("collapse", ["stub", "zero_lm_head"])
+def test_collapsed_outputs_warn(collapse, tiny_llama, tmp_path, monkeypatch):
+    """`taskhead test` without --ckpt_path scores the model as configured (zero-shot) and warns when its outputs collapse:
+    a stub generate() that returns one text for every input, and a real model whose LM head is all zeros (greedy
+    decoding then picks token 0 at every step: the same empty output, never an EOS, for every document)."""
+    from transformers import AutoModelForCausalLM
+
+    model, extra = tiny_llama, []
+    if collapse == "stub":
+        def same_text(self, inputs):
+            n = inputs["input_ids"].shape[0]
+            return ["a man who died in the world cup has been found in the world cup ."] * n, [14] * n, [False] * n
+        monkeypatch.setattr(Seq2SeqModule, "generate", same_text)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        torch.nn.init.zeros_(lm.lm_head.weight)
+        model = str(tmp_path / "collapsed")
+        lm.save_pretrained(model)
+        shutil.copy(Path(tiny_llama) / "tokenizer.json", model)
+        shutil.copy(Path(tiny_llama) / "tokenizer_config.json", model)
+        extra = ["--model.generation", '{"num_beams": 1, "max_new_tokens": 6}']  # greedy: argmax of all-equal logits = 0
+    test_file = write_jsonl(tmp_path / "test.jsonl", make_pairs(24, 5))
+    with pytest.warns(UserWarning, match=r"outputs collapsed: only 4% of 24 outputs are distinct") as caught:
+        run = run_cli(["test", *cli(model, "causal", {"test": str(test_file)}, tmp_path, *extra)])
+    scores = json.loads((Path(run.trainer.log_dir) / "test_scores.json").read_text())
+    assert scores["distinct_outputs"] == pytest.approx(1 / 24) and scores["weights"] == "pretrained"
+    cut = [str(w.message) for w in caught if "hit max_new_tokens" in str(w.message)]
+    assert scores["hit_max_new_tokens"] == (1.0 if collapse == "zero_lm_head" else 0.0) and len(cut) == (collapse != "stub")
+
+
+@pytest.mark.parametrize("task, offline", [("xsum", "xsum"), ("xsum", "xsum_bert2bert"), ("wmt16_en_ro", "wmt16_en_ro")])
+def test_shipped_configs_parse(task, offline, capsys):
+    for extra in ([], ["--config", str(ROOT / f"configs/offline/{offline}.yaml")]):
         with pytest.raises(SystemExit) as e:
             run_cli(["fit", "--config", str(ROOT / f"configs/{task}.yaml"), *extra, "--print_config"])
         assert e.value.code in (0, None)
