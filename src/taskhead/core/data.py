@@ -12,10 +12,15 @@ A task subclasses it and fills in four things, in the order data flows through t
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import shutil
+import tempfile
+import time
+import weakref
 from collections.abc import Iterator
 from functools import cached_property
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from taskhead import __version__
+from taskhead.core.arrow import Encoder, cache_key, file_identity, hold_out_indices, num_proc, numpy_column, write_arrow
 from taskhead.core.pretrained import OFFLINE_HINT, hub_offline, hub_unreachable, load_pretrained, load_tokenizer
 from taskhead.core.readers import read_records
 from taskhead.core.sampling import LengthGroupedBatchSampler, SortedBatchSampler
@@ -33,6 +38,17 @@ from taskhead.errors import TaskheadError, is_out_of_memory
 SPLITS = ("train", "validation", "test", "predict")
 # Options that change how batches are drawn, not what the tokenised data is: left out of the cache key.
 LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir"}
+# Columns that tokenisation adds: what is left of a predict row is the input that predictions.jsonl repeats.
+ENCODED = {"input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "length", "full_length", "idx", "_id"}
+
+
+def package_version() -> str:
+    """taskhead's installed version (part of every cache key), read from the package metadata: importing it from the
+    package's ``__init__`` would import the whole package from inside it."""
+    try:
+        return version("taskhead")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH without an install
+        return "0+unknown"
 
 
 def record_line(where: str) -> int | str:
@@ -93,6 +109,9 @@ class TaskDataModule(L.LightningDataModule):
         self._reported: set[str] = set()
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done in it), from a checkpoint
         self.predict_inputs: list[dict] = []  # per predict example: {"id", input fields}, for predictions.jsonl
+        self.parsed: dict[str, Any] = {}  # Arrow path: validated splits, memory-mapped from a temporary directory
+        self._tmp: Path | None = None
+        self._held_out: tuple[np.ndarray, np.ndarray] | None = None  # (train rows, validation rows) of the train split
 
     # ---- task hooks -------------------------------------------------------------------------------------------------
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
@@ -108,7 +127,27 @@ class TaskDataModule(L.LightningDataModule):
         return []
 
     def check_splits(self, raw: dict[str, list[dict]]) -> None:
-        """Cross-split checks (e.g. a label in test that train never saw). Raise TaskheadError."""
+        """Cross-split checks (e.g. a label in test that train never saw). Raise TaskheadError. Legacy path only."""
+
+    # The Arrow path (``arrow_native = True``): no split is held as Python records. Cross-split checks run in the
+    # streaming pass instead of ``check_splits``: splits arrive train first, each record through ``check_stream``
+    # (raise with its ``where``), each written split through ``finish_split`` (column-wise work, e.g. label ids).
+    arrow_native: bool = False
+
+    def check_stream(self, split: str, records: Iterator[dict]) -> Iterator[dict]:
+        """Check (and may rewrite) each parsed record of ``split`` as it streams past. Arrow path only."""
+        return records
+
+    def finish_split(self, split: str, ds):
+        """A split's parsed Arrow dataset, once written; return it (or a rewritten one). Arrow path only."""
+        return ds
+
+    def facts(self) -> dict:
+        """What the streaming pass learnt (label names, counts), JSON-able: cached so a warm start skips the pass."""
+        return {}
+
+    def restore_facts(self, facts: dict) -> None:
+        """Take back what ``facts`` returned (a warm start: the same files passed the streaming pass before)."""
 
     def read_file(self, path: str) -> Iterator[tuple[str, dict]]:
         """Yield ``(where, record)`` from a local file. Override for formats that are not JSONL/JSON/CSV/TSV
@@ -121,7 +160,7 @@ class TaskDataModule(L.LightningDataModule):
     def label_names(self) -> list[str] | None:
         """None: no label set. The CLI reads it (linked to ``model.label_names``) before it builds the model or the
         trainer, so reading and checking every split here stops a bad file or option before any output is written."""
-        _ = self.raw
+        _ = self.data_facts if self.arrow_native else self.raw
         return None
 
     label_counts: list[int] | None = None
@@ -161,30 +200,22 @@ class TaskDataModule(L.LightningDataModule):
             raise TaskheadError(f"--model.model_name_or_path {name}: the tokenizer has {len(tok):,} tokens but the model's "
                                 f"embedding table has {rows:,} (vocab_size {where}); use the tokenizer it was trained with")
 
-    @cached_property
-    def raw(self) -> dict[str, list[dict]]:
-        """Parsed, validated records of every available split (loaded once, on first use), after ``check_model``."""
-        if self.hparams.model_name_or_path:
-            self.check_model()
-        files = self.data_files()
-        raw: dict[str, list[dict]] = {}
-        if self.hparams.dataset_name:
-            raw.update(self._load_hub())
-        for split, path in files.items():
-            raw[split] = []
-            for where, rec in self.read_file(path):
-                parsed = self.parse_record(rec, where, split)
-                if split == "predict":  # each prediction line names its input: the record's id, else its line number
-                    parsed["_id"] = rec.get("id", record_line(where)) if isinstance(rec, dict) else record_line(where)
-                raw[split].append(parsed)
-            if not raw[split]:
-                raise TaskheadError(f"{path}: no records (empty file)")
-        if not raw:
-            raise TaskheadError("no data: set --data.dataset_name or at least one of --data.{train,validation,test,predict}_file")
-        self.check_splits(raw)
-        return raw
+    # ---- what names the data: every cache key starts here --------------------------------------------------------------
+    def _data_key(self) -> str:
+        """The data and every option that shapes it, without reading the rows: each local file's identity (path,
+        size, mtime, first and last MiB), the task class and version, the options (the Hub dataset among them) and
+        label names given in code (kept out of the hparams by the tasks)."""
+        options = {k: v for k, v in self.hparams.items() if k not in LOADER_OPTIONS and not k.endswith("_file")}
+        files = {s: file_identity(p) for s, p in self.data_files().items() if Path(p).is_file()}
+        return cache_key(type(self).__qualname__, package_version(), options, files, getattr(self, "given_label_names", None))
 
-    def _load_hub(self) -> dict[str, list[dict]]:
+    def _tokenizer_key(self) -> list:
+        tok = self.tokenizer
+        return [tok.name_or_path, len(tok), type(tok).__name__]
+
+    # ---- sources: (where, record) streams per split, Hub first, local files win ---------------------------------------
+    @cached_property
+    def _hub(self):
         import datasets
 
         name, config = self.hparams.dataset_name, self.hparams.dataset_config
@@ -195,22 +226,169 @@ class TaskDataModule(L.LightningDataModule):
             dd = datasets.load_dataset(name, config)
         except Exception as e:  # the Hub client raises many types; the user needs the first line only
             raise TaskheadError(f"could not load dataset '{name}' ({config}): {str(e).splitlines()[0]}") from None
+        return dd
+
+    def _hub_sources(self) -> dict[str, Any]:
+        import datasets
+
         out = {}
         for split in ("train", "validation", "test"):
-            if split not in dd:
+            if split not in self._hub:
                 continue
-            ds = dd[split]
+            ds = self._hub[split]
             class_labels = {c: f for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
             self.hub_class_names = {c: f.names for c, f in class_labels.items()}
-            recs = []
-            for i, rec in enumerate(ds):
-                for c, f in class_labels.items():  # ints → names, so local and Hub labels are handled alike
-                    rec[c] = f.int2str(rec[c]) if rec[c] >= 0 else None
-                if split == "test" and any(rec[c] is None for c in class_labels):
-                    continue  # Hub test splits without gold labels (label -1)
-                recs.append(self.parse_record(rec, f"{name}[{split}] row {i}", split))
-            out[split] = recs
+
+            def records(ds=ds, split=split, class_labels=class_labels) -> Iterator[tuple[str, dict]]:
+                for i, rec in enumerate(ds):  # one row at a time from the Hub's own memory-mapped Arrow
+                    for c, f in class_labels.items():  # ints → names, so local and Hub labels are handled alike
+                        rec[c] = f.int2str(rec[c]) if rec[c] >= 0 else None
+                    if split == "test" and any(rec[c] is None for c in class_labels):
+                        continue  # Hub test splits without gold labels (label -1)
+                    yield f"{self.hparams.dataset_name}[{split}] row {i}", rec
+
+            out[split] = records
         return out
+
+    def _sources(self) -> dict[str, Any]:
+        out = self._hub_sources() if self.hparams.dataset_name else {}
+        for split, path in self.data_files().items():
+            out[split] = lambda path=path: self.read_file(path)
+        # train first: it fixes the label set that the other splits are checked against
+        return {s: out[s] for s in sorted(out, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS))}
+
+    def _parsed_records(self, split: str, source) -> Iterator[dict]:
+        for where, rec in source():
+            parsed = self.parse_record(rec, where, split)
+            if split == "predict":  # each prediction line names its input: the record's id, else its line number
+                parsed["_id"] = rec.get("id", record_line(where)) if isinstance(rec, dict) else record_line(where)
+            yield parsed
+
+    # ---- legacy path: every split as Python records (tasks whose cross-split checks still need lists) ------------------
+    @cached_property
+    def raw(self) -> dict[str, list[dict]]:
+        """Parsed, validated records of every available split (loaded once, on first use), after ``check_model``."""
+        if self.hparams.model_name_or_path:
+            self.check_model()
+        raw: dict[str, list[dict]] = {}
+        if self.hparams.dataset_name:
+            raw.update(self._load_hub())
+        for split, path in self.data_files().items():
+            raw[split] = list(self._parsed_records(split, lambda path=path: self.read_file(path)))
+            if not raw[split]:
+                raise TaskheadError(f"{path}: no records (empty file)")
+        if not raw:
+            raise TaskheadError("no data: set --data.dataset_name or at least one of --data.{train,validation,test,predict}_file")
+        self.check_splits(raw)
+        return raw
+
+    def _load_hub(self) -> dict[str, list[dict]]:
+        return {split: [self.parse_record(rec, where, split) for where, rec in records()]
+                for split, records in self._hub_sources().items()}
+
+    # ---- Arrow path: each split streamed into a memory-mapped file, checked in the same pass -----------------------
+    @cached_property
+    def data_facts(self) -> dict:
+        """What the data tells the model (label names and counts), from one streaming pass over every split that also
+        validates every record. Restored from the cache instead when these exact files (and options) passed before."""
+        if self.hparams.model_name_or_path:
+            self.check_model()
+        if not self.hparams.dataset_name and not self.data_files():
+            raise TaskheadError("no data: set --data.dataset_name or at least one of --data.{train,validation,test,predict}_file")
+        facts_file = Path(self.hparams.cache_dir) / f"facts-{self._data_key()}.json"
+        if facts_file.is_file():
+            facts = json.loads(facts_file.read_text())
+            self.restore_facts(facts)
+            return facts
+        for split in self._sources():
+            self._parse_split(split)
+        return self.facts()
+
+    def _parse_split(self, split: str):
+        if self._tmp is None:  # parsed splits live here until tokenised into the cache; gone with the DataModule
+            self._tmp = Path(tempfile.mkdtemp(prefix="taskhead-parsed-"))
+            weakref.finalize(self, shutil.rmtree, str(self._tmp), ignore_errors=True)
+        rows = self.check_stream(split, self._parsed_records(split, self._sources()[split]))
+        ds = write_arrow(rows, self._tmp / f"{split}.arrow", drop=("where",))
+        if ds is None:
+            if split in self.data_files():
+                raise TaskheadError(f"{self.data_files()[split]}: no records (empty file)")
+            return None  # a Hub split with no usable rows (a test split without gold labels)
+        self.parsed[split] = ds = self.finish_split(split, ds)
+        return ds
+
+    def _subset(self, split: str, held_out: bool):
+        """The parsed rows of ``split`` this run uses: the seeded hold-out of train, then the seeded subset."""
+        source = "train" if held_out and split in ("train", "validation") else split
+        ds = self.parsed.get(source) or self._parse_split(source)
+        if held_out and split in ("train", "validation"):
+            if self._held_out is None:
+                col = self.stratify_column
+                self._held_out = hold_out_indices(len(ds), numpy_column(ds, col) if col else None,
+                                                  self.hparams.val_split, self.hparams.seed)
+            ds = ds.select(self._held_out[0 if split == "train" else 1])
+        limit = self.hparams.max_train_samples if split == "train" else self.hparams.max_eval_samples
+        if limit is not None and limit < len(ds):
+            ds = ds.select(np.sort(np.random.default_rng(self.hparams.seed).permutation(len(ds))[:limit]))
+        return ds
+
+    def _tokenise(self, split: str, ds, file: Path):
+        procs = num_proc(len(ds))
+        start = time.perf_counter()
+        out = ds.map(Encoder(self), batched=True, with_indices=True, num_proc=procs if procs > 1 else None,
+                     cache_file_name=str(file), new_fingerprint=file.stem, load_from_cache_file=False,
+                     desc=f"Tokenising {split}")
+        took = time.perf_counter() - start
+        rank_zero_info(f"[data] {split}: tokenised {len(out):,} examples in {took:.1f} s "
+                       f"({len(out) / max(took, 1e-9):,.0f}/s, {procs} process{'es' if procs > 1 else ''})")
+        return out
+
+    @staticmethod
+    def _load_cached(file: Path):
+        import datasets
+
+        if file.is_file():
+            return datasets.Dataset.from_file(str(file))
+        shards = sorted(file.parent.glob(f"{file.stem}_*_of_*.arrow"))  # written by a map with num_proc > 1
+        if shards and len(shards) == int(shards[0].stem.rsplit("_of_", 1)[1]):
+            return datasets.concatenate_datasets([datasets.Dataset.from_file(str(s)) for s in shards])
+        return None
+
+    def _setup_arrow(self, stage: str, wanted: list[str]) -> None:
+        facts = self.data_facts
+        sources = self._sources()
+        held_out = "validation" in wanted and "validation" not in sources
+        if held_out and "train" not in sources:
+            raise TaskheadError("validation needs --data.validation_file or a train split to hold out from")
+        for split in wanted:
+            if split not in sources and not (split == "validation" and held_out):
+                raise TaskheadError(f"stage '{stage}' needs a {split} split: set --data.{split}_file (or a Hub dataset that has one)")
+        cache = Path(self.hparams.cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        base = cache_key(self._data_key(), self._tokenizer_key(), {k: v for k, v in facts.items() if k != "held_out"})
+        for split in wanted:
+            file = cache / f"{split}-{cache_key(base, split)}.arrow"
+            ds = self._load_cached(file)
+            self.datasets[split] = ds if ds is not None else self._tokenise(split, self._subset(split, held_out), file)
+        if held_out:
+            if self._held_out is not None:
+                facts["held_out"] = [len(self._held_out[1]), len(self._held_out[0]) + len(self._held_out[1])]
+            if "held_out" in facts:
+                how = f", stratified by {self.stratify_column}" if self.stratify_column else ""
+                rank_zero_info(f"No validation split given: held out {facts['held_out'][0]:,} of {facts['held_out'][1]:,} "
+                               f"training examples ({self.hparams.val_split:.0%}{how}, seed {self.hparams.seed}).")
+        facts_file = cache / f"facts-{self._data_key()}.json"
+        if not facts_file.is_file() or json.loads(facts_file.read_text()) != facts:
+            tmp = facts_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(facts))
+            os.replace(tmp, facts_file)
+        if "predict" in wanted:  # what predictions.jsonl repeats of each input: its id and its fields
+            ds = self.datasets["predict"]
+            keep = [c for c in ds.column_names if c not in ENCODED and c not in self.tokenizer.model_input_names]
+            table = ds.select_columns(keep + ["_id"]).with_format("arrow")[:].to_pylist()
+            self.predict_inputs = [{"id": r.pop("_id"), **r} for r in table]
+        for split in wanted:
+            self._report(split)
 
     # ---- setup: split, subset, tokenise (cached) ----------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -225,6 +403,8 @@ class TaskDataModule(L.LightningDataModule):
         wanted = [s for s in wanted if s not in self.datasets]  # built already (prepare_data on this rank)
         if not wanted:
             return
+        if self.arrow_native:
+            return self._setup_arrow(stage, wanted)
         raw = dict(self.raw)
         if "validation" in wanted and "validation" not in raw:
             if "train" not in raw:
@@ -247,15 +427,9 @@ class TaskDataModule(L.LightningDataModule):
             self._report(split)
 
     def _hold_out(self, train: list[dict]) -> tuple[list[dict], list[dict]]:
-        import datasets
-
-        idx = datasets.Dataset.from_dict({"i": list(range(len(train)))})
         col = self.stratify_column
-        if col:
-            idx = idx.add_column(col, [r[col] for r in train])
-            idx = idx.cast_column(col, datasets.ClassLabel(num_classes=max(idx[col]) + 1))
-        parts = idx.train_test_split(test_size=self.hparams.val_split, seed=self.hparams.seed, stratify_by_column=col)
-        tr, va = sorted(parts["train"]["i"]), sorted(parts["test"]["i"])
+        tr, va = hold_out_indices(len(train), np.array([r[col] for r in train]) if col else None,
+                                  self.hparams.val_split, self.hparams.seed)
         how = f", stratified by {col}" if col else ""
         rank_zero_info(
             f"No validation split given: held out {len(va):,} of {len(train):,} training examples "
@@ -264,22 +438,25 @@ class TaskDataModule(L.LightningDataModule):
         return [train[i] for i in tr], [train[i] for i in va]
 
     def _encode_cached(self, split: str, rows: list[dict]):
+        """Tokenise a split's rows once into the cache. The key is the files' identity and the options (see
+        ``_data_key``); only Hub rows, which have no file, are hashed row by row."""
         import datasets
 
-        tok = self.tokenizer
-        options = {k: v for k, v in self.hparams.items() if k not in LOADER_OPTIONS and not k.endswith("_file")}
-        key = hashlib.sha256()
-        key.update(json.dumps([type(self).__qualname__, __version__, tok.name_or_path, len(tok), type(tok).__name__,
-                               options], sort_keys=True, default=str).encode())
-        for r in rows:
-            key.update(json.dumps(r, sort_keys=True, default=str).encode())
+        hub_rows = None
+        if self.hparams.dataset_name:
+            h = __import__("hashlib").sha256()
+            for r in rows:
+                h.update(json.dumps(r, sort_keys=True, default=str).encode())
+            hub_rows = h.hexdigest()
+        key = cache_key(self._data_key(), self._tokenizer_key(), split, hub_rows, self.label_names)
         cache = Path(self.hparams.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
         return datasets.Dataset.from_list(rows).map(
             self.encode,
             batched=True,
-            cache_file_name=str(cache / f"{split}-{key.hexdigest()[:20]}.arrow"),
+            cache_file_name=str(cache / f"{split}-{key}.arrow"),
             load_from_cache_file=True,
+            new_fingerprint=f"{split}-{key}",  # else datasets hashes self.encode, i.e. pickles the DataModule and its rows
             desc=f"Tokenising {split}",
         )
 
@@ -288,7 +465,7 @@ class TaskDataModule(L.LightningDataModule):
             return
         self._reported.add(split)
         ds = self.datasets[split]
-        full = np.asarray(ds["full_length"])
+        full = numpy_column(ds, "full_length")  # one Arrow read, not a Python call per row
         p50, p90, p99 = np.percentile(full, [50, 90, 99]).astype(int)
         trunc = float((full > self.hparams.max_length).mean())
         lines = [
@@ -343,7 +520,7 @@ class TaskDataModule(L.LightningDataModule):
         ds = self.datasets["train"]
         world, rank = self._world()
         if self.hparams.group_by_length:
-            sampler = LengthGroupedBatchSampler(ds["length"], self.hparams.batch_size, self.hparams.seed, num_replicas=world, rank=rank)
+            sampler = LengthGroupedBatchSampler(numpy_column(ds, "length"), self.hparams.batch_size, self.hparams.seed, num_replicas=world, rank=rank)
         else:  # plain shuffling: a mega-batch of one batch sorts nothing across batches
             sampler = LengthGroupedBatchSampler(
                 np.zeros(len(ds), dtype=np.int64), self.hparams.batch_size, self.hparams.seed, num_replicas=world, rank=rank
@@ -366,7 +543,7 @@ class TaskDataModule(L.LightningDataModule):
                 f"the {split} split has {n:,} examples: {-(-n // bs)} batch(es) of --data.eval_batch_size {bs} cannot "
                 f"give each of the {world} ranks one; set --data.eval_batch_size {max(n // world, 1)} or less"
             )
-        return self._loader(split, SortedBatchSampler(self.datasets[split]["length"], bs, num_replicas=world, rank=rank))
+        return self._loader(split, SortedBatchSampler(numpy_column(self.datasets[split], "length"), bs, num_replicas=world, rank=rank))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")

@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
+
+
+def as_lengths(lengths: Sequence[int] | np.ndarray) -> torch.Tensor:
+    """Lengths as one int64 tensor. Pass a numpy array (``numpy_column(ds, "length")``): it is shared, not copied.
+    A ``datasets`` lazy ``Column`` would be read one element at a time here — O(rows) table selects, minutes at 500k
+    rows — so it is refused; plain lists (tests, small inputs) are converted in one call."""
+    if isinstance(lengths, np.ndarray):
+        return torch.from_numpy(np.array(lengths, dtype=np.int64))  # a copy: Arrow's buffers are read-only
+    if isinstance(lengths, torch.Tensor):
+        return lengths.to(torch.int64)
+    if not isinstance(lengths, (list, tuple, range)):
+        raise TypeError(f"lengths must be a numpy array (read the Arrow column at once), got {type(lengths).__name__}")
+    return torch.as_tensor(lengths, dtype=torch.int64)
 
 
 def _chunks(seq: Sequence[int], size: int) -> list[list[int]]:
@@ -36,7 +50,7 @@ class LengthGroupedBatchSampler:
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        self.lengths = torch.as_tensor(lengths)
+        self.lengths = as_lengths(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.mega_batch_mult = mega_batch_mult
@@ -88,7 +102,7 @@ class SortedBatchSampler:
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
-        order = torch.argsort(torch.as_tensor(lengths), descending=True, stable=True).tolist()
+        order = torch.argsort(as_lengths(lengths), descending=True, stable=True).tolist()
         self.batches = _chunks(order, batch_size)[rank::num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
