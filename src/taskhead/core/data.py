@@ -309,6 +309,8 @@ class TaskDataModule(L.LightningDataModule):
             self._tmp = Path(tempfile.mkdtemp(prefix="taskhead-parsed-"))
             weakref.finalize(self, shutil.rmtree, str(self._tmp), ignore_errors=True)
         rows = self.check_stream(split, self._parsed_records(split, self._sources()[split]))
+        if split == "predict":
+            rows = ({**r, "_id": json.dumps(r["_id"])} for r in rows)  # a string or a line number: one Arrow type
         ds = write_arrow(rows, self._tmp / f"{split}.arrow", drop=("where",))
         if ds is None:
             if split in self.data_files():
@@ -386,7 +388,7 @@ class TaskDataModule(L.LightningDataModule):
             ds = self.datasets["predict"]
             keep = [c for c in ds.column_names if c not in ENCODED and c not in self.tokenizer.model_input_names]
             table = ds.select_columns(keep + ["_id"]).with_format("arrow")[:].to_pylist()
-            self.predict_inputs = [{"id": r.pop("_id"), **r} for r in table]
+            self.predict_inputs = [{"id": json.loads(r.pop("_id")), **r} for r in table]
         for split in wanted:
             self._report(split)
 
