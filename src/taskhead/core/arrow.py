@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,44 @@ def num_proc(rows: int) -> int:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores, rows // ROWS_PER_PROC))
+
+
+# Columns that tokenisation adds: what is left of a predict row is the input that predictions.jsonl repeats.
+ENCODED = {"input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "length", "full_length", "idx", "_id"}
+
+
+def tokenise(encoder: "Encoder", split: str, ds, file: Path):
+    """``ds.map(encoder)`` into ``file`` (batched; ``num_proc`` processes for a large split), timed in one log line."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    procs = num_proc(len(ds))
+    start = time.perf_counter()
+    out = ds.map(encoder, batched=True, with_indices=True, num_proc=procs if procs > 1 else None,
+                 cache_file_name=str(file), new_fingerprint=file.stem, load_from_cache_file=False,
+                 desc=f"Tokenising {split}")
+    took = time.perf_counter() - start
+    rank_zero_info(f"[data] {split}: tokenised {len(out):,} examples in {took:.1f} s "
+                   f"({len(out) / max(took, 1e-9):,.0f}/s, {procs} process{'es' if procs > 1 else ''})")
+    return out
+
+
+def load_cached(file: Path):
+    """The tokenised split at ``file`` (or its ``num_proc`` shards, all of them), memory-mapped; None if absent."""
+    import datasets
+
+    if file.is_file():
+        return datasets.Dataset.from_file(str(file))
+    shards = sorted(file.parent.glob(f"{file.stem}_*_of_*.arrow"))  # written by a map with num_proc > 1
+    if shards and len(shards) == int(shards[0].stem.rsplit("_of_", 1)[1]):
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(str(s)) for s in shards])
+    return None
+
+
+def input_rows(ds, model_input_names: list[str]) -> list[dict]:
+    """Per row of a tokenised predict split: ``{"id", input fields}`` (ids are stored JSON-encoded: string or line)."""
+    keep = [c for c in ds.column_names if c not in ENCODED and c not in model_input_names]
+    rows = ds.select_columns(keep + ["_id"]).with_format("arrow")[:].to_pylist()
+    return [{"id": json.loads(r.pop("_id")), **r} for r in rows]
 
 
 class Encoder:

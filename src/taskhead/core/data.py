@@ -8,6 +8,14 @@ A task subclasses it and fills in four things, in the order data flows through t
    (tokens kept) and ``full_length`` (tokens before truncation) per example, for batching and the data report.
 3. ``collate(features)``: pad one batch dynamically; returns ``{"inputs": {...}, ...}``.
 4. ``report_extra(split, ds)``: task lines for the data report (label balance, ...).
+
+Two ways from files to tokenised splits. The Arrow path (``arrow_native = True``; classification): each split is
+streamed record by record through ``read_file`` → ``parse_record`` → ``check_stream`` into a memory-mapped Arrow
+file, ``finish_split`` does column-wise work on it (label ids), and what the pass learnt (``facts``: label names,
+counts) is cached beside the tokenised splits, so a warm start reads no record at all. The records path
+(``core/records.py``; the other tasks until they move): every split as Python records, checked by ``check_splits``.
+Either way, cache keys come from each file's identity (path, size, mtime, first/last MiB) and the options, never
+from hashing the rows.
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import weakref
 from collections.abc import Iterator
 from functools import cached_property
@@ -29,17 +36,18 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from taskhead.core.arrow import Encoder, cache_key, file_identity, hold_out_indices, num_proc, numpy_column, write_arrow
-from taskhead.core.pretrained import OFFLINE_HINT, hub_offline, hub_unreachable, load_pretrained, load_tokenizer
+from taskhead.core.arrow import (Encoder, cache_key, file_identity, hold_out_indices, input_rows, load_cached, numpy_column, tokenise,
+                                 write_arrow)
+from taskhead.core.pretrained import load_pretrained, load_tokenizer
 from taskhead.core.readers import read_records
+from taskhead.core.records import setup_records
+from taskhead.core.sources import hub_streams, load_hub, record_line
 from taskhead.core.sampling import LengthGroupedBatchSampler, SortedBatchSampler
 from taskhead.errors import TaskheadError, is_out_of_memory
 
 SPLITS = ("train", "validation", "test", "predict")
 # Options that change how batches are drawn, not what the tokenised data is: left out of the cache key.
 LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir"}
-# Columns that tokenisation adds: what is left of a predict row is the input that predictions.jsonl repeats.
-ENCODED = {"input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "length", "full_length", "idx", "_id"}
 
 
 def package_version() -> str:
@@ -49,12 +57,6 @@ def package_version() -> str:
         return version("taskhead")
     except PackageNotFoundError:  # a source tree on PYTHONPATH without an install
         return "0+unknown"
-
-
-def record_line(where: str) -> int | str:
-    """``path:12`` → 12 (the line a record starts on); ``where`` itself when it names no line."""
-    tail = str(where).rsplit(":", 1)[-1]
-    return int(tail) if tail.isdigit() else str(where)
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -204,10 +206,14 @@ class TaskDataModule(L.LightningDataModule):
     def _data_key(self) -> str:
         """The data and every option that shapes it, without reading the rows: each local file's identity (path,
         size, mtime, first and last MiB), the task class and version, the options (the Hub dataset among them) and
-        label names given in code (kept out of the hparams by the tasks)."""
+        label names given in code (kept out of the hparams by the tasks). Computed once per DataModule."""
+        if "_data_key_value" in self.__dict__:
+            return self.__dict__["_data_key_value"]
         options = {k: v for k, v in self.hparams.items() if k not in LOADER_OPTIONS and not k.endswith("_file")}
         files = {s: file_identity(p) for s, p in self.data_files().items() if Path(p).is_file()}
-        return cache_key(type(self).__qualname__, package_version(), options, files, getattr(self, "given_label_names", None))
+        key = cache_key(type(self).__qualname__, package_version(), options, files, getattr(self, "given_label_names", None))
+        self.__dict__["_data_key_value"] = key
+        return key
 
     def _tokenizer_key(self) -> list:
         tok = self.tokenizer
@@ -216,39 +222,11 @@ class TaskDataModule(L.LightningDataModule):
     # ---- sources: (where, record) streams per split, Hub first, local files win ---------------------------------------
     @cached_property
     def _hub(self):
-        import datasets
-
-        name, config = self.hparams.dataset_name, self.hparams.dataset_config
-        if not hub_offline() and not Path(name).exists() and (why := hub_unreachable()):
-            raise TaskheadError(f"dataset '{name}': the Hub is out of reach ({why}); {OFFLINE_HINT} "
-                                "(a dataset already in the local cache loads with HF_HUB_OFFLINE=1)")
-        try:
-            dd = datasets.load_dataset(name, config)
-        except Exception as e:  # the Hub client raises many types; the user needs the first line only
-            raise TaskheadError(f"could not load dataset '{name}' ({config}): {str(e).splitlines()[0]}") from None
-        return dd
+        return load_hub(self.hparams.dataset_name, self.hparams.dataset_config)
 
     def _hub_sources(self) -> dict[str, Any]:
-        import datasets
-
-        out = {}
-        for split in ("train", "validation", "test"):
-            if split not in self._hub:
-                continue
-            ds = self._hub[split]
-            class_labels = {c: f for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
-            self.hub_class_names = {c: f.names for c, f in class_labels.items()}
-
-            def records(ds=ds, split=split, class_labels=class_labels) -> Iterator[tuple[str, dict]]:
-                for i, rec in enumerate(ds):  # one row at a time from the Hub's own memory-mapped Arrow
-                    for c, f in class_labels.items():  # ints → names, so local and Hub labels are handled alike
-                        rec[c] = f.int2str(rec[c]) if rec[c] >= 0 else None
-                    if split == "test" and any(rec[c] is None for c in class_labels):
-                        continue  # Hub test splits without gold labels (label -1)
-                    yield f"{self.hparams.dataset_name}[{split}] row {i}", rec
-
-            out[split] = records
-        return out
+        streams, self.hub_class_names = hub_streams(self._hub, self.hparams.dataset_name)
+        return streams
 
     def _sources(self) -> dict[str, Any]:
         out = self._hub_sources() if self.hparams.dataset_name else {}
@@ -322,7 +300,7 @@ class TaskDataModule(L.LightningDataModule):
     def _subset(self, split: str, held_out: bool):
         """The parsed rows of ``split`` this run uses: the seeded hold-out of train, then the seeded subset."""
         source = "train" if held_out and split in ("train", "validation") else split
-        ds = self.parsed.get(source) or self._parse_split(source)
+        ds = self.parsed[source] if source in self.parsed else self._parse_split(source)
         if held_out and split in ("train", "validation"):
             if self._held_out is None:
                 col = self.stratify_column
@@ -333,28 +311,6 @@ class TaskDataModule(L.LightningDataModule):
         if limit is not None and limit < len(ds):
             ds = ds.select(np.sort(np.random.default_rng(self.hparams.seed).permutation(len(ds))[:limit]))
         return ds
-
-    def _tokenise(self, split: str, ds, file: Path):
-        procs = num_proc(len(ds))
-        start = time.perf_counter()
-        out = ds.map(Encoder(self), batched=True, with_indices=True, num_proc=procs if procs > 1 else None,
-                     cache_file_name=str(file), new_fingerprint=file.stem, load_from_cache_file=False,
-                     desc=f"Tokenising {split}")
-        took = time.perf_counter() - start
-        rank_zero_info(f"[data] {split}: tokenised {len(out):,} examples in {took:.1f} s "
-                       f"({len(out) / max(took, 1e-9):,.0f}/s, {procs} process{'es' if procs > 1 else ''})")
-        return out
-
-    @staticmethod
-    def _load_cached(file: Path):
-        import datasets
-
-        if file.is_file():
-            return datasets.Dataset.from_file(str(file))
-        shards = sorted(file.parent.glob(f"{file.stem}_*_of_*.arrow"))  # written by a map with num_proc > 1
-        if shards and len(shards) == int(shards[0].stem.rsplit("_of_", 1)[1]):
-            return datasets.concatenate_datasets([datasets.Dataset.from_file(str(s)) for s in shards])
-        return None
 
     def _setup_arrow(self, stage: str, wanted: list[str]) -> None:
         facts = self.data_facts
@@ -370,8 +326,8 @@ class TaskDataModule(L.LightningDataModule):
         base = cache_key(self._data_key(), self._tokenizer_key(), {k: v for k, v in facts.items() if k != "held_out"})
         for split in wanted:
             file = cache / f"{split}-{cache_key(base, split)}.arrow"
-            ds = self._load_cached(file)
-            self.datasets[split] = ds if ds is not None else self._tokenise(split, self._subset(split, held_out), file)
+            ds = load_cached(file)
+            self.datasets[split] = ds if ds is not None else tokenise(Encoder(self), split, self._subset(split, held_out), file)
         if held_out:
             if self._held_out is not None:
                 facts["held_out"] = [len(self._held_out[1]), len(self._held_out[0]) + len(self._held_out[1])]
@@ -385,10 +341,7 @@ class TaskDataModule(L.LightningDataModule):
             tmp.write_text(json.dumps(facts))
             os.replace(tmp, facts_file)
         if "predict" in wanted:  # what predictions.jsonl repeats of each input: its id and its fields
-            ds = self.datasets["predict"]
-            keep = [c for c in ds.column_names if c not in ENCODED and c not in self.tokenizer.model_input_names]
-            table = ds.select_columns(keep + ["_id"]).with_format("arrow")[:].to_pylist()
-            self.predict_inputs = [{"id": json.loads(r.pop("_id")), **r} for r in table]
+            self.predict_inputs = input_rows(self.datasets["predict"], self.tokenizer.model_input_names)
         for split in wanted:
             self._report(split)
 
@@ -405,62 +358,9 @@ class TaskDataModule(L.LightningDataModule):
         wanted = [s for s in wanted if s not in self.datasets]  # built already (prepare_data on this rank)
         if not wanted:
             return
-        if self.arrow_native:
-            return self._setup_arrow(stage, wanted)
-        raw = dict(self.raw)
-        if "validation" in wanted and "validation" not in raw:
-            if "train" not in raw:
-                raise TaskheadError("validation needs --data.validation_file or a train split to hold out from")
-            raw["train"], raw["validation"] = self._hold_out(raw["train"])
-        for split in wanted:
-            if split not in raw:
-                raise TaskheadError(f"stage '{stage}' needs a {split} split: set --data.{split}_file (or a Hub dataset that has one)")
-            records = raw[split]
-            limit = self.hparams.max_train_samples if split == "train" else self.hparams.max_eval_samples
-            if limit is not None and limit < len(records):
-                keep = np.random.default_rng(self.hparams.seed).permutation(len(records))[:limit]
-                records = [records[i] for i in sorted(keep)]
-            if split == "predict":  # what predictions.jsonl repeats of each input: its id and its fields
-                self.predict_inputs = [{"id": r.get("_id", i), **{k: v for k, v in r.items() if k not in ("where", "_id", "id")}}
-                                       for i, r in enumerate(records)]
-            # "where" (file:line) serves error messages only: it stays out of the dataset and the cache key
-            rows = [{**{k: v for k, v in r.items() if k not in ("where", "_id")}, "idx": i} for i, r in enumerate(records)]
-            self.datasets[split] = self._encode_cached(split, rows)
-            self._report(split)
-
-    def _hold_out(self, train: list[dict]) -> tuple[list[dict], list[dict]]:
-        col = self.stratify_column
-        tr, va = hold_out_indices(len(train), np.array([r[col] for r in train]) if col else None,
-                                  self.hparams.val_split, self.hparams.seed)
-        how = f", stratified by {col}" if col else ""
-        rank_zero_info(
-            f"No validation split given: held out {len(va):,} of {len(train):,} training examples "
-            f"({self.hparams.val_split:.0%}{how}, seed {self.hparams.seed})."
-        )
-        return [train[i] for i in tr], [train[i] for i in va]
-
-    def _encode_cached(self, split: str, rows: list[dict]):
-        """Tokenise a split's rows once into the cache. The key is the files' identity and the options (see
-        ``_data_key``); only Hub rows, which have no file, are hashed row by row."""
-        import datasets
-
-        hub_rows = None
-        if self.hparams.dataset_name:
-            h = __import__("hashlib").sha256()
-            for r in rows:
-                h.update(json.dumps(r, sort_keys=True, default=str).encode())
-            hub_rows = h.hexdigest()
-        key = cache_key(self._data_key(), self._tokenizer_key(), split, hub_rows, self.label_names)
-        cache = Path(self.hparams.cache_dir)
-        cache.mkdir(parents=True, exist_ok=True)
-        return datasets.Dataset.from_list(rows).map(
-            self.encode,
-            batched=True,
-            cache_file_name=str(cache / f"{split}-{key}.arrow"),
-            load_from_cache_file=True,
-            new_fingerprint=f"{split}-{key}",  # else datasets hashes self.encode, i.e. pickles the DataModule and its rows
-            desc=f"Tokenising {split}",
-        )
+        if not self.arrow_native:
+            return setup_records(self, stage, wanted)
+        self._setup_arrow(stage, wanted)
 
     def _report(self, split: str) -> None:
         if split in self._reported:
