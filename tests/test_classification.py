@@ -55,7 +55,7 @@ def test_int_labels_index_label_names(tiny_bert, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}] * 5)
     dm = dm_for(tiny_bert, tmp_path, train_file=str(train), label_names=["neg", "pos"])
     assert dm.label_names == ["neg", "pos"]
-    assert [r["label"] for r in dm.raw["train"][:2]] == [1, 0]
+    assert dm.parsed["train"]["label"][:2] == [1, 0]
 
 
 def test_unknown_test_label_names_file_and_line(tiny_bert, tmp_path):

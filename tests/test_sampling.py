@@ -49,3 +49,57 @@ def test_lightning_sets_the_epoch():
     first = list(s)
     _set_sampler_epoch(DataLoader(list(range(len(LENGTHS))), batch_sampler=s), 3)
     assert s.epoch == 3 and list(s) != first
+
+
+# ---- lengths come in as one array: a per-element read of a datasets Column is O(rows) Python calls (issue 18) ----
+
+
+def test_lazy_column_is_refused_and_arrays_are_taken_as_they_are():
+    import datasets
+    import numpy as np
+    import pytest
+
+    ds = datasets.Dataset.from_dict({"length": LENGTHS})
+    with pytest.raises(TypeError, match="numpy array"):
+        LengthGroupedBatchSampler(ds["length"], 16)  # a lazy Column: refused, not read element by element
+    with pytest.raises(TypeError, match="numpy array"):
+        SortedBatchSampler(ds["length"], 16)
+    arr = np.asarray(LENGTHS)
+    assert list(LengthGroupedBatchSampler(arr, 16, seed=1)) == list(LengthGroupedBatchSampler(LENGTHS, 16, seed=1))
+
+
+def test_numpy_column_follows_the_indices_mapping():
+    import datasets
+    import numpy as np
+
+    from taskhead.core.arrow import numpy_column
+
+    ds = datasets.Dataset.from_dict({"length": LENGTHS, "x": [str(i) for i in range(len(LENGTHS))]})
+    picked = ds.select([5, 1, 900])
+    col = numpy_column(picked, "length")
+    assert isinstance(col, np.ndarray) and col.tolist() == [LENGTHS[5], LENGTHS[1], LENGTHS[900]]
+
+
+def test_datamodule_never_reads_a_column_row_by_row(tiny_bert, tmp_path, monkeypatch):
+    """setup, the data report, label counts and every sampler read whole Arrow columns: any per-element access to a
+    datasets ``Column`` (what made a 500k-row fit spend minutes in the sampler) fails this test."""
+    import datasets.arrow_dataset as arrow_dataset
+
+    from taskhead.tasks.classification import ClassificationDataModule
+
+    from conftest import make_reviews, write_jsonl
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a datasets Column was read element by element")
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_reviews(300, 0))
+    test = write_jsonl(tmp_path / "test.jsonl", make_reviews(50, 1))
+    dm = ClassificationDataModule(model_name_or_path=tiny_bert, train_file=str(train), test_file=str(test),
+                                  cache_dir=str(tmp_path / "cache"), batch_size=8)
+    monkeypatch.setattr(arrow_dataset.Column, "__iter__", refuse)
+    monkeypatch.setattr(arrow_dataset.Column, "__getitem__", refuse)
+    assert dm.label_counts == [150, 150]
+    dm.setup("fit")
+    dm.setup("test")
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        assert len(loader) > 0 and next(iter(loader))["inputs"]["input_ids"].shape[0] > 0

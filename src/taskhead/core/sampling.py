@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 
-def _chunks(seq: Sequence[int], size: int) -> list[list[int]]:
-    return [list(seq[i : i + size]) for i in range(0, len(seq), size)]
+def as_lengths(lengths: Sequence[int] | np.ndarray) -> torch.Tensor:
+    """Lengths as one int64 tensor. Pass a numpy array (``numpy_column(ds, "length")``): it is shared, not copied.
+    A ``datasets`` lazy ``Column`` would be read one element at a time here — O(rows) table selects, minutes at 500k
+    rows — so it is refused; plain lists (tests, small inputs) are converted in one call."""
+    if isinstance(lengths, np.ndarray):
+        return torch.from_numpy(np.array(lengths, dtype=np.int64))  # a copy: Arrow's buffers are read-only
+    if isinstance(lengths, torch.Tensor):
+        return lengths.to(torch.int64)
+    if not isinstance(lengths, (list, tuple, range)):
+        raise TypeError(f"lengths must be a numpy array (read the Arrow column at once), got {type(lengths).__name__}")
+    return torch.as_tensor(lengths, dtype=torch.int64)
 
 
 class LengthGroupedBatchSampler:
@@ -36,7 +46,7 @@ class LengthGroupedBatchSampler:
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        self.lengths = torch.as_tensor(lengths)
+        self.lengths = as_lengths(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.mega_batch_mult = mega_batch_mult
@@ -56,25 +66,29 @@ class LengthGroupedBatchSampler:
         self.epoch = epoch
         self._skip = (epoch, batches_done)
 
-    def _all_batches(self) -> list[list[int]]:
+    def _order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices grouped in length-sorted mega-batches, this epoch's batch numbers in drawn order): two int64
+        tensors rather than a Python list per batch (10M rows would be 10M Python ints held for the whole epoch).
+        The same draws as cutting each mega-batch into batches: mega-batches hold whole batches, bar the last."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(len(self.lengths), generator=g)
-        batches: list[list[int]] = []
-        for mega in perm.split(self.batch_size * self.mega_batch_mult):
-            order = torch.argsort(self.lengths[mega], descending=True, stable=True)
-            batches.extend(_chunks(mega[order].tolist(), self.batch_size))
-        shuffled = torch.randperm(len(batches), generator=g).tolist()
-        batches = [batches[i] for i in shuffled]
+        n, bs = len(self.lengths), self.batch_size
+        perm = torch.randperm(n, generator=g)
+        megas = perm.split(bs * self.mega_batch_mult)
+        flat = torch.cat([m[torch.argsort(self.lengths[m], descending=True, stable=True)] for m in megas]) if n else perm
+        order = torch.randperm(-(-n // bs), generator=g)
         if self.num_replicas > 1:
-            batches = batches[: len(batches) - len(batches) % self.num_replicas]
-        return batches
+            order = order[: len(order) - len(order) % self.num_replicas]
+        return flat, order
 
     def __iter__(self) -> Iterator[list[int]]:
-        mine = self._all_batches()[self.rank :: self.num_replicas]
+        flat, order = self._order()
+        mine = order[self.rank :: self.num_replicas]
         if self._skip is not None and self._skip[0] == self.epoch:
             mine = mine[self._skip[1] :]
         self._skip = None
-        yield from mine
+        bs = self.batch_size
+        for b in mine.tolist():
+            yield flat[b * bs : (b + 1) * bs].tolist()
 
     def __len__(self) -> int:
         """Batches per epoch (a resumed pass yields fewer: Lightning counts the ones done before)."""
@@ -84,16 +98,19 @@ class LengthGroupedBatchSampler:
 class SortedBatchSampler:
     """Batches of examples sorted longest first; each rank takes every ``num_replicas``-th batch, none repeated.
 
-    Callers that need input order back (prediction) carry the example index through the batch.
+    Callers that need input order back (prediction) carry the example index through the batch. Holds one int64
+    tensor of the order, cut into batches as they are drawn.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
-        order = torch.argsort(torch.as_tensor(lengths), descending=True, stable=True).tolist()
-        self.batches = _chunks(order, batch_size)[rank::num_replicas]
+        self.order = torch.argsort(as_lengths(lengths), descending=True, stable=True)
+        self.batch_size = batch_size
+        self.mine = range(rank, -(-len(self.order) // batch_size), num_replicas)  # this rank's batch numbers
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches
+        bs = self.batch_size
+        for b in self.mine:
+            yield self.order[b * bs : (b + 1) * bs].tolist()
 
     def __len__(self) -> int:
-        return len(self.batches)
-
+        return len(self.mine)

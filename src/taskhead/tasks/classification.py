@@ -7,8 +7,9 @@ In order: preprocessing (ClassificationDataModule), post-processing (probabiliti
 from __future__ import annotations
 
 import heapq
-from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification
 from torchmetrics import MetricCollection
@@ -20,6 +21,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from taskhead.core.arrow import numpy_column
 from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
 from taskhead.core.heads import HeadConfig, pool
@@ -42,6 +44,7 @@ def label_names_from(values: list) -> list[str]:
 
 class ClassificationDataModule(TaskDataModule):
     stratify_column = "label"
+    arrow_native = True  # splits streamed into Arrow; labels checked in the stream (check_stream / finish_split)
 
     def __init__(
         self,
@@ -80,31 +83,34 @@ class ClassificationDataModule(TaskDataModule):
     @property
     def label_names(self) -> list[str]:
         """Label names in id order (linked to ``model.label_names`` by the CLI); loading the splits fixes them."""
-        _ = self.raw  # parsing the splits fixes the label set
-        return self._label_names
+        return self.data_facts["label_names"]
 
     @property
     def label_counts(self) -> list[int] | None:
         """Training examples per label id (linked to ``model.label_counts``, used by ``class_weights: balanced``)."""
-        if "train" not in self.raw:
-            return None
-        counts = Counter(r["label"] for r in self.raw["train"])
-        return [counts.get(i, 0) for i in range(len(self.label_names))]
+        return self.data_facts["label_counts"]
 
-    def check_splits(self, raw: dict[str, list[dict]]) -> None:
-        """Fix the label set (given, Hub ClassLabel, or sorted training labels) and map every label to its id."""
+    def _known_names(self) -> list[str] | None:
+        """The label set before a split is read: given, the Hub's ClassLabel, or fixed by an earlier split."""
         hub = getattr(self, "hub_class_names", {}).get(self.label_field)
         if self.given_label_names or hub:
-            names = list(self.given_label_names or hub)
-        else:
-            source = raw.get("train") or next(iter(raw.values()))
-            names = label_names_from([r["label"] for r in source if "label" in r])
+            return list(self.given_label_names or hub)
+        return getattr(self, "_label_names", None)
+
+    def check_stream(self, split: str, records):
+        """Map every label to its id as it streams past, naming the record of a label outside the set. The split that
+        fixes the set (train, or the first split read) keeps label text until ``finish_split`` sorts the set."""
+        names = self._known_names()
+        if names is None:
+            for r in records:
+                if "label" in r:
+                    r["label"] = str(r["label"])
+                yield r
+            return
         index = {n: i for i, n in enumerate(names)}
         use_position = bool(self.given_label_names)
-        for split, records in raw.items():
-            for r in records:
-                if "label" not in r:
-                    continue
+        for r in records:
+            if "label" in r:
                 value = r["label"]
                 if use_position and isinstance(value, int):
                     if not 0 <= value < len(names):
@@ -114,14 +120,52 @@ class ClassificationDataModule(TaskDataModule):
                 else:
                     known = "label_names" if self.given_label_names else "the training labels"
                     raise TaskheadError(f"{r['where']}: label {value!r} is not one of {known} {names}")
-        self._label_names = names
+            yield r
+
+    def finish_split(self, split: str, ds):
+        """Fix the label set from the first split read (sorted labels, ``label_names_from``) and turn its label text
+        into ids column-wise; count training labels."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from taskhead.core.arrow import arrow_column, write_arrow_table
+
+        if "label" not in ds.column_names:
+            self.__dict__.setdefault("_label_names", self._known_names())
+            return ds
+        self._label_names = self._known_names()
+        if self._label_names is None:
+            text = arrow_column(ds, "label")
+            self._label_names = label_names_from(pc.unique(text).to_pylist())
+            ids = pc.index_in(text, value_set=pa.array(self._label_names)).cast(pa.int64())
+            ds = write_arrow_table(ds.data.table.set_column(ds.column_names.index("label"), "label", ids),
+                                   Path(ds.cache_files[0]["filename"]).with_suffix(".ids.arrow"))
+        if split == "train":
+            counts = np.bincount(numpy_column(ds, "label"), minlength=len(self._label_names))
+            self._label_counts = [int(c) for c in counts]
+        return ds
+
+    def facts(self) -> dict:
+        return {"label_names": self._known_names(), "label_counts": getattr(self, "_label_counts", None)}
+
+    def restore_facts(self, facts: dict) -> None:
+        self._label_names, self._label_counts = facts["label_names"], facts["label_counts"]
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        # One pass without truncation gives the full lengths (data report) and, for every row that fits, the inputs;
+        # only rows over max_length are tokenised again, truncated the tokenizer's own way (half the work of two passes).
         pair = batch.get("text_pair")
-        enc = self.tokenizer(batch["text"], pair, truncation=True, max_length=self.hparams.max_length)
-        full = self.tokenizer(batch["text"], pair, truncation=False, return_attention_mask=False, verbose=False)
+        enc = self.tokenizer(batch["text"], pair, truncation=False, verbose=False)
+        full = [len(ids) for ids in enc["input_ids"]]
+        long = [i for i, n in enumerate(full) if n > self.hparams.max_length]
+        if long:
+            cut = self.tokenizer([batch["text"][i] for i in long], [pair[i] for i in long] if pair else None,
+                                 truncation=True, max_length=self.hparams.max_length)
+            for key in enc:
+                for j, i in enumerate(long):
+                    enc[key][i] = cut[key][j]
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        enc["full_length"] = [len(ids) for ids in full["input_ids"]]
+        enc["full_length"] = full
         return enc
 
     def collate(self, features: list[dict]) -> dict:
@@ -135,8 +179,8 @@ class ClassificationDataModule(TaskDataModule):
     def report_extra(self, split: str, ds) -> list[str]:
         if "label" not in ds.column_names:
             return []
-        counts = Counter(ds["label"])
-        parts = [f"{name} {counts.get(i, 0) / len(ds):.1%} ({counts.get(i, 0):,})" for i, name in enumerate(self.label_names)]
+        counts = np.bincount(numpy_column(ds, "label"), minlength=len(self.label_names))  # one Arrow read
+        parts = [f"{name} {c / len(ds):.1%} ({c:,})" for name, c in zip(self.label_names, counts.tolist())]
         return ["labels: " + " / ".join(parts)]
 
 

@@ -1,0 +1,122 @@
+"""Data at scale (issue 18): splits streamed into memory-mapped Arrow, cache keys from file identity, a warm start that
+reads no records, parallel tokenisation that gives the same result. No timings here: benchmarks/scale.py has them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from taskhead.core import arrow
+from taskhead.core.data import package_version
+from taskhead.errors import TaskheadError
+from taskhead.tasks.classification import ClassificationDataModule
+
+from conftest import make_reviews, write_jsonl
+
+
+def dm_for(tiny_bert, tmp_path, **kw) -> ClassificationDataModule:
+    return ClassificationDataModule(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), batch_size=8, **kw)
+
+
+def test_splits_are_memory_mapped_arrow_not_python_records(tiny_bert, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", make_reviews(120, 0))
+    dm = dm_for(tiny_bert, tmp_path, train_file=str(train))
+    assert dm.label_names == ["neg", "pos"] and dm.label_counts == [60, 60]
+    assert "raw" not in dm.__dict__  # the list-of-records path never ran
+    parsed = dm.parsed["train"]
+    assert parsed.cache_files and parsed.cache_files[0]["filename"].endswith(".arrow")  # on disk, memory-mapped
+    assert parsed.column_names == ["text", "label"]  # "where" (file:line) served the checks only
+    dm.setup("fit")
+    for split in ("train", "validation"):
+        assert all(f["filename"].startswith(str(tmp_path / "cache")) for f in dm.datasets[split].cache_files)
+
+
+def test_chunked_writer_keeps_every_row_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(arrow, "CHUNK", 7)  # many record batches
+    rows = [{"text": f"row {i}", "label": i % 3} for i in range(50)]
+    ds = arrow.write_arrow(iter(rows), tmp_path / "x.arrow", drop=("where",))
+    assert ds.to_list() == rows
+    assert arrow.write_arrow(iter([]), tmp_path / "empty.arrow") is None
+
+
+def test_warm_start_reads_no_record(tiny_bert, tmp_path, monkeypatch):
+    train = write_jsonl(tmp_path / "train.jsonl", make_reviews(100, 0))
+    test = write_jsonl(tmp_path / "test.jsonl", make_reviews(20, 1))
+    cold = dm_for(tiny_bert, tmp_path, train_file=str(train), test_file=str(test))
+    cold.setup("fit")
+    cold.setup("test")
+
+    def no_reading(self, path):
+        raise AssertionError(f"{path} was read again on a warm start")
+
+    monkeypatch.setattr(ClassificationDataModule, "read_file", no_reading)
+    warm = dm_for(tiny_bert, tmp_path, train_file=str(train), test_file=str(test))
+    assert warm.label_names == cold.label_names and warm.label_counts == cold.label_counts
+    warm.setup("fit")
+    warm.setup("test")
+    for split in ("train", "validation", "test"):
+        assert warm.datasets[split].to_dict() == cold.datasets[split].to_dict()
+
+
+def test_cache_key_follows_the_file_not_its_rows(tiny_bert, tmp_path):
+    train = tmp_path / "train.jsonl"
+    write_jsonl(train, make_reviews(60, 0))
+    dm_for(tiny_bert, tmp_path, train_file=str(train)).setup("fit")
+    rows = make_reviews(60, 0)
+    rows[0]["label"] = "pos" if rows[0]["label"] == "neg" else "neg"  # same size, new content
+    write_jsonl(train, rows)
+    dm = dm_for(tiny_bert, tmp_path, train_file=str(train))
+    assert dm.label_counts != [30, 30]  # re-read, not served from the first file's facts
+    dm.setup("fit")
+    assert len(list((tmp_path / "cache").glob("train-*.arrow"))) == 2
+
+
+def test_bad_record_leaves_no_cache(tiny_bert, tmp_path):
+    rows = make_reviews(30, 0) + [{"text": "", "label": "pos"}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    dm = dm_for(tiny_bert, tmp_path, train_file=str(train))
+    with pytest.raises(TaskheadError, match=r"train.jsonl:31: field 'text' is empty"):
+        dm.label_names
+    assert not (tmp_path / "cache").exists()
+
+
+def test_parallel_tokenisation_matches_one_process(tiny_bert, tmp_path, monkeypatch):
+    train = write_jsonl(tmp_path / "train.jsonl", make_reviews(400, 0))
+    one = dm_for(tiny_bert, tmp_path / "a", train_file=str(train))
+    one.setup("fit")
+    monkeypatch.setattr(arrow, "NUM_PROC_MIN_ROWS", 10)
+    monkeypatch.setattr(arrow, "ROWS_PER_PROC", 100)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    two = dm_for(tiny_bert, tmp_path / "b", train_file=str(train))
+    two.setup("fit")
+    assert len(list((tmp_path / "b" / "cache").glob("train-*_of_00002.arrow"))) == 2  # two workers wrote shards
+    assert two.datasets["train"].to_dict() == one.datasets["train"].to_dict()
+    again = dm_for(tiny_bert, tmp_path / "b", train_file=str(train))  # the shards are found again
+    again.setup("fit")
+    assert again.datasets["train"].to_dict() == one.datasets["train"].to_dict()
+
+
+def test_one_tokeniser_pass_equals_truncated_plus_full(tiny_bert, tmp_path):
+    dm = dm_for(tiny_bert, tmp_path, max_length=12)
+    texts = [r["text"] for r in make_reviews(50, 3)]
+    for pair in (None, texts[::-1]):
+        enc = dm.encode({"text": texts, **({"text_pair": pair} if pair else {})})
+        cut = dm.tokenizer(texts, pair, truncation=True, max_length=12)
+        full = dm.tokenizer(texts, pair, truncation=False, verbose=False)
+        assert any(n > 12 for n in enc["full_length"]) and (pair or any(n <= 12 for n in enc["full_length"]))  # both kinds
+        assert all(enc[k] == cut[k] for k in cut)
+        assert enc["full_length"] == [len(ids) for ids in full["input_ids"]]
+
+
+def test_predict_inputs_keep_ids_and_fields(tiny_bert, tmp_path):
+    rows = [{"id": "a", "text": "good film"}, {"text": "bad film"}, {"id": 7, "text": "fine"}]
+    pred = write_jsonl(tmp_path / "p.jsonl", rows)
+    dm = dm_for(tiny_bert, tmp_path, predict_file=str(pred), label_names=["neg", "pos"])
+    dm.setup("predict")
+    assert dm.predict_inputs == [{"id": "a", "text": "good film"}, {"id": 2, "text": "bad film"}, {"id": 7, "text": "fine"}]
+    assert json.dumps(dm.predict_inputs)
+
+
+def test_package_version_from_metadata():
+    assert package_version() and package_version() != "0+unknown"
