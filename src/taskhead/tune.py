@@ -92,7 +92,8 @@ class TrialPruning(Callback):
         if trainer.sanity_checking or self.metric not in trainer.callback_metrics or not trainer.is_global_zero:
             return
         self.trial.report(float(trainer.callback_metrics[self.metric]), step=trainer.global_step)
-        if self.trial.should_prune():
+        finished = trainer.global_step >= trainer.estimated_stepping_batches  # the last validation: nothing left to save
+        if not finished and self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_step", trainer.global_step)
             trainer.should_stop = True
 
