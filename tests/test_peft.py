@@ -220,3 +220,76 @@ def test_qlora_without_cuda_is_one_clear_line(tiny_llama, review_files, tmp_path
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "QLoRA" in last and "CUDA" in last and "Traceback" not in proc.stderr
+
+
+# ---- the CLI: fit, test, checkpoints, exports --------------------------------------------------------------------------
+
+
+def predictions(path: str, texts: list[str]) -> list[list[float]]:
+    return [[r["probabilities"][k] for k in ("neg", "pos")] for r in taskhead.load(path, precision="32-true")(texts)]
+
+
+def test_lora_fit_test_export_merged_and_adapter_agree(tiny_llama, review_files, tmp_path):
+    """A decoder-only classifier with LoRA through the CLI. Its checkpoints hold only the adapters and the head (and
+    their optimiser state); the merged export loads in transformers.pipeline with its pad id; the adapter export loads
+    in taskhead.load and in plain peft on a fresh base with the trained head (peft #310: a head left out of
+    modules_to_save comes back random). All four give the same probabilities."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from taskhead.core.export import export_checkpoint
+
+    files = {"train": review_files["train"], "test": review_files["test"]}
+    args = cli_args(tiny_llama, files, tmp_path, "--config", LORA, "--trainer.max_epochs", "3", "--model.optimizer.lr", "3e-3")
+    proc = run_taskhead("fit", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line, = [x for x in proc.stderr.splitlines() if "trainable params:" in x]
+    assert " of " in line and "%" in line and "(LoRA)" in line
+    last, = (tmp_path / "runs").rglob("last.ckpt")
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    keys = list(ckpt["state_dict"])
+    assert keys and all(".lora_" in k or ".score.modules_to_save." in k for k in keys)
+    assert len(ckpt["optimizer_states"][0]["state"]) == len(keys)  # Adam moments for the trained weights only
+    assert ckpt["taskhead"]["base_model"]["model_name_or_path"] == tiny_llama
+    best, = (tmp_path / "runs").rglob("best-*.ckpt")
+    proc = run_taskhead("test", "--ckpt_path", str(best))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((best.parent.parent / "metrics.json").read_text())
+    assert metrics["test/acc"] > 0.6  # it learned: the comparisons below can fail
+
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    export_checkpoint(best, merged)
+    export_checkpoint(best, adapter, merge=False)
+    assert json.loads((merged / "config.json").read_text())["pad_token_id"] == load_tokenizer(tiny_llama).pad_token_id
+    assert not (merged / "adapter_config.json").exists()
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    assert any(".score.modules_to_save." in k or k.endswith("score.weight") for k in load_file(adapter / "adapter_model.safetensors"))
+
+    texts = ["the film was great and moving", "awful boring plot", "really quite dull", "superb"]
+    via_merged, via_adapter = predictions(str(merged), texts), predictions(str(adapter), texts)
+    pipe = pipeline("text-classification", model=str(merged), top_k=None)
+    via_pipeline = [[next(s["score"] for s in row if s["label"] == k) for k in ("neg", "pos")] for row in pipe(texts)]
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2, pad_token_id=0)
+    plain = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        via_peft = plain(**AutoTokenizer.from_pretrained(adapter)(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    for other in (via_adapter, via_pipeline, via_peft.tolist()):
+        torch.testing.assert_close(torch.tensor(other), torch.tensor(via_merged), rtol=1e-4, atol=1e-5)
+    assert max(abs(a - b) for a, b in via_merged) > 0.05  # not a constant: the head was trained and kept
+
+
+def test_a_lora_checkpoint_refuses_other_base_weights(tiny_llama, tmp_path):
+    m = ClassificationModule(tiny_llama, label_names=["neg", "pos"], peft={"r": 2})
+    checkpoint = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(checkpoint)
+    assert all("lora_" in k or ".modules_to_save." in k for k in checkpoint["state_dict"])
+    other = {"state_dict": dict(checkpoint["state_dict"]), "taskhead": dict(checkpoint["taskhead"])}
+    other["taskhead"]["base_model"] = {**other["taskhead"]["base_model"], "fingerprint": "0" * 16}
+    with pytest.raises(TaskheadError, match="other base weights"):
+        ClassificationModule(tiny_llama, label_names=["neg", "pos"], peft={"r": 2}).on_load_checkpoint(other)
+    with pytest.raises(TaskheadError, match="model.peft is null"):
+        ClassificationModule(tiny_llama, label_names=["neg", "pos"]).on_load_checkpoint(checkpoint)
+    fresh = ClassificationModule(tiny_llama, label_names=["neg", "pos"], peft={"r": 2})
+    fresh.on_load_checkpoint(checkpoint)  # the base weights are filled in: a strict load succeeds
+    fresh.load_state_dict(checkpoint["state_dict"])

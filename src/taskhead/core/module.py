@@ -28,8 +28,8 @@ from taskhead.core.callbacks import model_checkpoint
 from taskhead.core.heads import HeadConfig, build_head, resolve_pooling
 from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, param_groups
-from taskhead.core.peft import (PeftConfig, apply_peft, base_fingerprint, enable_gradient_checkpointing, is_peft,
-                                quantization_kwargs, trainable_summary, unwrap)
+from taskhead.core.peft import (PeftConfig, apply_peft, base_fingerprint, enable_gradient_checkpointing, head_module_names,
+                                is_peft, quantization_kwargs, trainable_summary, unwrap)
 from taskhead.core.pretrained import is_decoder_only, load_model, load_tokenizer, set_pad_token_id
 from taskhead.errors import TaskheadError
 
@@ -134,11 +134,14 @@ class TaskModule(L.LightningModule):
         share. Tasks that build ``self.model`` themselves call this right after."""
         if self.peft_cfg is not None:
             hf = self.model
-            self._frozen_base = [p for p in hf.parameters()]  # every pretrained weight, before adapters exist
+            before = list(hf.parameters())  # every weight, before adapters exist
+            heads = {id(p) for name in head_module_names(hf) for p in getattr(hf, name).parameters()}
             self.model = apply_peft(hf, self.peft_cfg, self.gradient_checkpointing)
-            self._frozen_base = [p for p in self._frozen_base if not p.requires_grad]  # heads in modules_to_save train
+            # frozen now: the pretrained weights, and the heads' originals (peft trains a copy in modules_to_save)
+            self._frozen_base = [p for p in before if not p.requires_grad]
             self._tuned_backbone = [p for p in self.backbone.parameters() if p.requires_grad]  # the adapters
-            self._base_fingerprint = base_fingerprint(self._frozen_base)
+            # identity of the pretrained weights only: a new head's original is random on every load
+            self._base_fingerprint = base_fingerprint([p for p in self._frozen_base if id(p) not in heads])
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
 

@@ -33,7 +33,7 @@ def resolve_model_path(name_or_path: str) -> str:
         path = Path(name_or_path).expanduser()
         if not path.is_dir():
             raise TaskheadError(f"model directory '{name_or_path}' does not exist")
-        if not (path / "config.json").is_file():  # e.g. a run directory: its export (taskhead export) is the model
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():  # adapter: --merge false  # e.g. a run directory: its export (taskhead export) is the model
             raise TaskheadError(f"model directory '{name_or_path}' has no config.json: give a directory written by "
                                 "save_pretrained or taskhead export")
         return str(path)
