@@ -293,3 +293,44 @@ def test_a_lora_checkpoint_refuses_other_base_weights(tiny_llama, tmp_path):
     fresh = ClassificationModule(tiny_llama, label_names=["neg", "pos"], peft={"r": 2})
     fresh.on_load_checkpoint(checkpoint)  # the base weights are filled in: a strict load succeeds
     fresh.load_state_dict(checkpoint["state_dict"])
+
+
+def test_lora_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_llama, review_files, tmp_path):
+    """tests/test_faults.py's exact-resume test, under LoRA: the checkpoint lacks the frozen base (filled in from
+    model_name_or_path on load), LoRA dropout draws continue from the saved RNG, and the adapters' Adam state resumes."""
+    import os
+    import signal
+
+    files = {"train": review_files["train"]}  # 173 training examples → 11 batches of 16 per epoch
+    fast = ("--config", LORA, "--last_checkpoint.every_n_steps", "3", "--model.optimizer.lr", "3e-3",
+            "--model.scheduler.warmup_ratio", "0", "--trainer.max_epochs", "4")
+    env_path = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+    def last_checkpoint(root):
+        path, = (root / "runs").rglob("last.ckpt")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def final_val_acc(ckpt):
+        state, = (v for k, v in ckpt["callbacks"].items() if "'monitor': 'val/acc'" in k)
+        return float(state["current_score"])
+
+    straight = tmp_path / "straight"
+    proc = run_taskhead("fit", *cli_args(tiny_llama, files, straight, *fast))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = tmp_path / "killed"
+    args = cli_args(tiny_llama, files, killed, *fast)
+    kill = '{"class_path": "test_faults.KillAtStep", "init_args": {"step": 16}}'
+    proc = run_taskhead("fit", *args, f"--trainer.callbacks+={kill}", env=env_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert last_checkpoint(killed)["global_step"] == 15
+    proc = run_taskhead("fit", *args, "--ckpt_path", "last")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed, reference = last_checkpoint(killed), last_checkpoint(straight)
+
+    assert resumed["global_step"] == reference["global_step"] == 44
+    assert all("lora_" in k or ".modules_to_save." in k for k in reference["state_dict"])  # adapters + head only
+    assert final_val_acc(reference) > 0.6  # it learned something, so the comparison can fail
+    assert final_val_acc(resumed) == pytest.approx(final_val_acc(reference), abs=1e-3)
+    assert resumed["state_dict"].keys() == reference["state_dict"].keys()
+    for name, value in reference["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)
