@@ -265,6 +265,9 @@ def test_lora_fit_test_export_merged_and_adapter_agree(tiny_llama, review_files,
     assert not (merged / "adapter_config.json").exists()
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
     assert any(".score.modules_to_save." in k or k.endswith("score.weight") for k in load_file(adapter / "adapter_model.safetensors"))
+    assert "merged into the weights" in (merged / "README.md").read_text()
+    card = (adapter / "README.md").read_text()
+    assert "library_name: peft" in card and "this directory is the adapter" in card
 
     texts = ["the film was great and moving", "awful boring plot", "really quite dull", "superb"]
     via_merged, via_adapter = predictions(str(merged), texts), predictions(str(adapter), texts)

@@ -122,6 +122,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: s
     module.load_state_dict(ckpt["state_dict"])
     out = module.export(out_dir, load_tokenizer(module.model_name_or_path), merge=merge)
     facts = run_facts(ckpt_path, ckpt)
+    facts["adapter"] = json.loads((out / EXPORT_CONFIG).read_text()).get("adapter", False)
     del ckpt  # optimizer states can be twice the model: free them before an upload
     model_name = push_to_hub.split("/")[1] if push_to_hub else out.resolve().name
     write_card(out, facts, model_name, location=str(out_dir), repo_id=push_to_hub)
