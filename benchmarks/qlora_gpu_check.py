@@ -62,7 +62,7 @@ def main() -> None:
 
     # 3-5: the real command line
     work = Path(tempfile.mkdtemp(prefix="qlora-check-"))
-    rows = [json.loads(x) for x in Path(a.train_file).read_text().splitlines()[:400]]
+    rows = [json.loads(x) for x in Path(a.train_file).read_text(encoding="utf-8").split("\n")[:400] if x.strip()]
     train = work / "train.jsonl"
     train.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
     common = ["--config", "configs/imdb.yaml", "--config", "configs/peft/qlora.yaml", "--model.model_name_or_path", a.model,

@@ -170,6 +170,19 @@ def test_optimizer_sees_only_adapters_and_head(tiny_llama, capsys):
     assert head_groups and all(".score." in names[id(p)] for g in head_groups for p in g["params"])
 
 
+def test_lora_under_fsdp_without_use_orig_params_is_refused(tiny_llama):
+    """litgpt #1392: FSDP flattens each unit's parameters into one tensor, which cannot be part frozen, part trained."""
+    FSDPStrategy = type("FSDPStrategy", (), {})
+    strategy = FSDPStrategy()
+    strategy.kwargs = {"use_orig_params": False}
+    m = attach_trainer(ClassificationModule(tiny_llama, label_names=["neg", "pos"], peft={"r": 2}))
+    m._trainer.strategy = strategy
+    with pytest.raises(TaskheadError, match="use_orig_params"):
+        m.configure_optimizers()
+    strategy.kwargs = {"use_orig_params": True}
+    m.configure_optimizers()
+
+
 def test_trainable_params_line(tiny_llama):
     from taskhead.core.peft import trainable_summary
 
@@ -337,3 +350,43 @@ def test_lora_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_ll
     assert resumed["state_dict"].keys() == reference["state_dict"].keys()
     for name, value in reference["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_lora_config_composes_on_every_task_config(config, capsys):
+    import yaml
+
+    from taskhead.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--config", LORA, "--print_config"])
+    assert exc.value.code in (0, None)
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["class_path"] == yaml.safe_load(config.read_text())["model"]["class_path"]  # composed, not replaced
+    assert model["init_args"]["peft"]["method"] == "lora" and model["init_args"]["gradient_checkpointing"] is False
+
+
+def test_custom_head_with_lora_exports_merged_and_adapter_alike(tiny_llama, tmp_path):
+    """A custom head lives outside the HF model: it trains in full and is exported as head.safetensors beside both
+    the merged model and the adapter."""
+    m = ClassificationModule(tiny_llama, label_names=["neg", "pos"], head={"hidden_sizes": [8]}, peft={"r": 2})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # B starts at zero (then merging changes nothing): make the adapters matter
+    texts = ["the film was great", "awful and boring plot"]
+    m.eval()
+    with torch.no_grad():
+        want = m(encode(tiny_llama, texts)).softmax(-1)
+    tok = load_tokenizer(tiny_llama)
+    m.export(tmp_path / "adapter", tok, merge=False)
+    m.export(tmp_path / "merged", tok)  # merges in place: after the adapter export
+    for kind in ("adapter", "merged"):
+        assert (tmp_path / kind / "head.safetensors").is_file()
+        got = torch.tensor(predictions(str(tmp_path / kind), texts))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=kind)
+    base = ClassificationModule(tiny_llama, label_names=["neg", "pos"], head={"hidden_sizes": [8]}).eval()
+    base.head.load_state_dict(m.head.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(base(encode(tiny_llama, texts)).softmax(-1), want, atol=1e-3)  # the adapters count

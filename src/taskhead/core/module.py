@@ -130,8 +130,8 @@ class TaskModule(L.LightningModule):
         self.adapt_model()
 
     def adapt_model(self) -> None:
-        """Apply ``model.peft`` (LoRA) and ``model.gradient_checkpointing`` to ``self.model``; print the trainable
-        share. Tasks that build ``self.model`` themselves call this right after."""
+        """Apply ``model.peft`` (LoRA) and ``model.gradient_checkpointing`` to ``self.model`` (``fit`` logs the
+        trainable share). Tasks that build ``self.model`` themselves (seq2seq) call this right after."""
         if self.peft_cfg is not None:
             hf = self.model
             before = list(hf.parameters())  # every weight, before adapters exist
@@ -269,6 +269,10 @@ class TaskModule(L.LightningModule):
         self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
+        strategy = getattr(self.trainer, "strategy", None)
+        if self._frozen_base is not None and type(strategy).__name__ == "FSDPStrategy" and not strategy.kwargs.get("use_orig_params", True):
+            raise TaskheadError("model.peft under FSDP needs trainer.strategy.init_args.use_orig_params: true (the default): "
+                                "a flat FSDP unit cannot mix frozen base weights and trainable adapters (litgpt #1392)")
         num_layers = getattr(self.model.config, "num_hidden_layers", None) or 0
         # Every trained parameter starts trainable here, so the groups are fixed for the run even if the backbone
         # starts frozen. Under LoRA the frozen base stays out of the optimiser (no state, no decay, no update).
