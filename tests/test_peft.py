@@ -390,3 +390,20 @@ def test_custom_head_with_lora_exports_merged_and_adapter_alike(tiny_llama, tmp_
     base.head.load_state_dict(m.head.state_dict())
     with torch.no_grad():
         assert not torch.allclose(base(encode(tiny_llama, texts)).softmax(-1), want, atol=1e-3)  # the adapters count
+
+
+def test_causal_seq2seq_with_lora_adapts_the_body_not_the_lm_head(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from taskhead.tasks.seq2seq import Seq2SeqModule
+
+    m = Seq2SeqModule(tiny_llama, architecture="causal", metric="bleu", peft={"r": 2})
+    wrapped = lora_modules(m.model)
+    assert wrapped and not [n for n in wrapped if "lm_head" in n]
+    assert all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)
+    assert m.backbone is unwrap(m.model).base_model
+    ids = load_tokenizer(tiny_llama)(["the film was"], return_tensors="pt")
+    assert m.model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
+    m.export(tmp_path / "merged", load_tokenizer(tiny_llama))
+    assert (tmp_path / "merged" / "generation_config.json").is_file()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.pad_token_id is not None
