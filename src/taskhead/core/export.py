@@ -2,7 +2,8 @@
 
 ``taskhead.load(DIR)`` reads ``taskhead.json`` (written by ``TaskModule.export``), rebuilds the task's module from
 the directory itself (no Hub access), loads a custom head's weights if there is one, and returns a
-:class:`Predictor` whose call is the task's ``predict_raw``.
+:class:`Predictor` whose call is the task's ``predict_raw``. A LoRA adapter export (``--merge false``) is rebuilt on
+its base model (``source`` in taskhead.json) and the adapter's weights are loaded on top.
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", precision: str = 
         raise TaskheadError(f"{path}: not a taskhead export ({EXPORT_CONFIG} is missing)")
     spec = json.loads(spec_file.read_text())
     cls = import_object(spec["task"])
-    module = cls(model_name_or_path=str(path), **spec["hparams"])
+    if spec.get("adapter"):
+        module = cls(model_name_or_path=spec["source"], **spec["hparams"])  # the base, with fresh adapters
+        load_adapter(module, path)
+    else:
+        module = cls(model_name_or_path=str(path), **spec["hparams"])
     if (path / HEAD_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
@@ -67,7 +72,25 @@ def load(path: str | Path, device: str | torch.device = "cpu", precision: str = 
     return Predictor(module.to(device), load_tokenizer(str(path)), autocast_dtype(device, precision))
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: str | None = None, private: bool = False) -> Path:
+def load_adapter(module, path: Path) -> None:
+    """The adapter weights (LoRA + the head in ``modules_to_save``) of ``path`` into a module built with the same
+    ``model.peft``; every tensor must find its place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise TaskheadError(f"{path}: an adapter export without adapter_model.safetensors")
+    result = set_peft_model_state_dict(module.model, load_file(weights))
+    missing = [k for k in result.missing_keys if "lora_" in k or ".modules_to_save." in k]
+    if result.unexpected_keys or missing:
+        raise TaskheadError(f"{weights}: adapter weights do not match the model (unexpected {result.unexpected_keys[:5]}, "
+                            f"missing {missing[:5]})")
+    module.model.eval()
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: str | None = None, private: bool = False,
+                      merge: bool = True) -> Path:
     """Checkpoint → Hugging Face directory (safetensors) + taskhead.json + model card (README.md).
 
     Args:
@@ -75,6 +98,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: s
         out_dir: Where to write the export.
         push_to_hub: ``OWNER/NAME``: also upload the directory to this Hub model repo (created if missing).
         private: Create the Hub repo private (refuses to upload into an existing public one).
+        merge: A LoRA checkpoint: fold the adapters into the weights (a plain model ``transformers.pipeline`` loads),
+            or (False) write only the adapter directory, loaded on top of the base model by ``taskhead.load`` or peft.
     """
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
@@ -93,9 +118,11 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: s
         module = import_object(task)(**hparams)
     finally:
         hf_logging.set_verbosity(verbosity)
+    module.complete_state_dict(ckpt)  # a LoRA checkpoint holds only the trained weights: the base comes from its source
     module.load_state_dict(ckpt["state_dict"])
-    out = module.export(out_dir, load_tokenizer(module.model_name_or_path))
+    out = module.export(out_dir, load_tokenizer(module.model_name_or_path), merge=merge)
     facts = run_facts(ckpt_path, ckpt)
+    facts["adapter"] = json.loads((out / EXPORT_CONFIG).read_text()).get("adapter", False)
     del ckpt  # optimizer states can be twice the model: free them before an upload
     model_name = push_to_hub.split("/")[1] if push_to_hub else out.resolve().name
     write_card(out, facts, model_name, location=str(out_dir), repo_id=push_to_hub)

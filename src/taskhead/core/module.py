@@ -4,6 +4,10 @@ A task subclass builds ``self.model`` (a Hugging Face model; its ``base_model`` 
 modules beside it, then implements ``forward``, ``training_loss`` and its own evaluation steps. This class owns:
 the optimiser and per-step schedule, freezing the backbone for the first steps, loss/LR logging, the checkpoint
 format, and export to a Hugging Face directory.
+
+Under ``model.peft`` (core/peft.py) ``self.model`` is a ``PeftModel``: only the adapters and the task layers train,
+the optimiser sees only them, and checkpoints hold only them (plus a fingerprint of the frozen base weights, which
+are re-read from ``model_name_or_path`` on load).
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from taskhead.core.callbacks import model_checkpoint
-from taskhead.core.heads import HeadConfig, build_head
+from taskhead.core.heads import HeadConfig, build_head, resolve_pooling
 from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, param_groups
-from taskhead.core.pretrained import load_model
+from taskhead.core.peft import (PeftConfig, apply_peft, base_fingerprint, enable_gradient_checkpointing, head_module_names,
+                                is_peft, quantization_kwargs, trainable_summary, unwrap)
+from taskhead.core.pretrained import is_decoder_only, load_model, load_tokenizer, set_pad_token_id
 from taskhead.errors import TaskheadError
 
 EXPORT_CONFIG = "taskhead.json"
@@ -53,11 +60,25 @@ class TaskModule(L.LightningModule):
         model_name_or_path: str,
         optimizer: OptimizerConfig | None = None,
         scheduler: SchedulerConfig | None = None,
+        peft: PeftConfig | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
+        """
+        Args:
+            peft: Parameter-efficient fine-tuning (``{method: lora, r, alpha, dropout, target_modules, bias}``);
+                null trains every weight. The task layers always train in full (configs/peft/lora.yaml).
+            gradient_checkpointing: Recompute the backbone's activations in backward (non-reentrant): less memory,
+                about a third more compute.
+        """
         super().__init__()
         self.model_name_or_path = model_name_or_path
         self.optim_cfg = as_config(OptimizerConfig, optimizer) or OptimizerConfig()
         self.sched_cfg = as_config(SchedulerConfig, scheduler) or SchedulerConfig()
+        self.peft_cfg = as_config(PeftConfig, peft)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.pooling: str | None = None  # a custom head's pooling, "auto" resolved for the backbone (build_model)
+        self._frozen_base: list[torch.nn.Parameter] | None = None  # weights peft froze (not in checkpoints)
+        self._tuned_backbone: list[torch.nn.Parameter] | None = None  # what freeze_backbone_steps toggles
         self._frozen: bool | None = None
         self.skipped_batches = 0  # batches whose loss was NaN/inf (model.optimizer.on_nonfinite_loss: skip)
         self._rng_to_restore: dict | None = None  # set when resuming from a checkpoint
@@ -74,6 +95,8 @@ class TaskModule(L.LightningModule):
                 "model_name_or_path": self.model_name_or_path,
                 "optimizer": plain(self.optim_cfg),
                 "scheduler": plain(self.sched_cfg),
+                "peft": plain(self.peft_cfg),
+                "gradient_checkpointing": self.gradient_checkpointing,
                 **{k: plain(v) for k, v in task_args.items()},
             }
         )
@@ -82,15 +105,45 @@ class TaskModule(L.LightningModule):
     def build_model(self, auto_class, head_cfg: HeadConfig | None, out_features: int, **model_kwargs: Any) -> None:
         """Set ``self.model`` and ``self.head``. ``head_cfg`` None: ``auto_class`` (``AutoModelFor...``) with the
         backbone family's own head, which exports to ``transformers.pipeline``. Otherwise the bare backbone
-        (``AutoModel``) and ``build_head(head_cfg, hidden_size, out_features)`` beside it."""
-        from transformers import AutoModel
+        (``AutoModel``) and ``build_head(head_cfg, hidden_size, out_features)`` beside it (``self.pooling``: its
+        pooling, ``auto`` resolved). Then the pad token id, ``model.peft`` and gradient checkpointing (``adapt_model``)."""
+        from transformers import AutoConfig, AutoModel
 
+        from taskhead.core.pretrained import load_pretrained
+
+        config = load_pretrained(AutoConfig, self.model_name_or_path)
+        quantized = quantization_kwargs(self.peft_cfg)
         if head_cfg is None:
-            self.model = load_model(auto_class, self.model_name_or_path, **model_kwargs)
+            try:
+                self.model = load_model(auto_class, self.model_name_or_path, **model_kwargs, **quantized)
+            except TaskheadError as e:
+                if is_decoder_only(config) and "Unrecognized configuration class" in str(e):
+                    raise TaskheadError(f"{e}; a decoder-only backbone has no {auto_class.__name__}: set model.head, "
+                                        "e.g. {pooling: last}") from None
+                raise
             self.head = None
         else:
-            self.model = load_model(AutoModel, self.model_name_or_path)
+            self.model = load_model(AutoModel, self.model_name_or_path, **quantized)
             self.head = build_head(head_cfg, self.model.config.hidden_size, out_features)
+            self.pooling = resolve_pooling(head_cfg.pooling, config)
+        set_pad_token_id(self.model, load_tokenizer(self.model_name_or_path))
+        self.adapt_model()
+
+    def adapt_model(self) -> None:
+        """Apply ``model.peft`` (LoRA) and ``model.gradient_checkpointing`` to ``self.model`` (``fit`` logs the
+        trainable share). Tasks that build ``self.model`` themselves (seq2seq) call this right after."""
+        if self.peft_cfg is not None:
+            hf = self.model
+            before = list(hf.parameters())  # every weight, before adapters exist
+            heads = {id(p) for name in head_module_names(hf) for p in getattr(hf, name).parameters()}
+            self.model = apply_peft(hf, self.peft_cfg, self.gradient_checkpointing)
+            # frozen now: the pretrained weights, and the heads' originals (peft trains a copy in modules_to_save)
+            self._frozen_base = [p for p in before if not p.requires_grad]
+            self._tuned_backbone = [p for p in self.backbone.parameters() if p.requires_grad]  # the adapters
+            # identity of the pretrained weights only: a new head's original is random on every load
+            self._base_fingerprint = base_fingerprint([p for p in self._frozen_base if id(p) not in heads])
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
 
     def set_loss(self, cfg: LossConfig, label_counts: list[int] | None, num_classes: int) -> None:
         """``self.loss_fn(logits, target, self.class_weight)``; the weights are a buffer, so they follow the device."""
@@ -106,14 +159,19 @@ class TaskModule(L.LightningModule):
     # ---- training -----------------------------------------------------------------------------------------------------
     @property
     def backbone(self) -> torch.nn.Module:
-        return self.model.base_model
+        return unwrap(self.model).base_model
+
+    def tuned_backbone(self) -> list[torch.nn.Parameter]:
+        """Backbone parameters that train: all of them, or only the adapters under ``model.peft``."""
+        return self._tuned_backbone if self._tuned_backbone is not None else list(self.backbone.parameters())
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
             self._restore_rng()
         frozen = self.global_step < self.optim_cfg.freeze_backbone_steps
         if frozen != self._frozen:  # flip requires_grad only when the phase changes
-            self.backbone.requires_grad_(not frozen)
+            for p in self.tuned_backbone():
+                p.requires_grad_(not frozen)
             self._frozen = frozen
             if self.global_step > 0 or frozen:
                 self.print(f"[optim] step {self.global_step}: backbone {'frozen' if frozen else 'unfrozen'}")
@@ -162,14 +220,41 @@ class TaskModule(L.LightningModule):
             "monitor": getattr(ckpt_cb, "monitor", None),
             "monitor_mode": getattr(ckpt_cb, "mode", None),
         }
+        if self._frozen_base is not None:  # LoRA: the frozen base weights are re-read from model_name_or_path on load
+            frozen = {id(p) for p in self._frozen_base}
+            for name, p in self.named_parameters(remove_duplicate=False):
+                if id(p) in frozen:
+                    checkpoint["state_dict"].pop(name, None)
+            checkpoint["taskhead"]["base_model"] = {"model_name_or_path": self.model_name_or_path,
+                                                    "fingerprint": self._base_fingerprint}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.complete_state_dict(checkpoint)
         state = checkpoint.get("taskhead")
         if state:
             self.skipped_batches = state["skipped_batches"]
             # Applied at the first training batch, not now: creating the loaders' iterators draws from the global RNG
             # (DataLoader's base seed), and the uninterrupted run made those draws before this checkpoint was saved.
             self._rng_to_restore = state
+
+    def complete_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """A LoRA checkpoint holds only trained weights: fill in the frozen base weights this module loaded, after
+        checking that they are the ones it was trained on. A full checkpoint is left as it is."""
+        base = (checkpoint.get("taskhead") or {}).get("base_model")
+        if base is None:
+            return
+        if self._frozen_base is None:
+            raise TaskheadError(f"this checkpoint holds LoRA adapters of '{base['model_name_or_path']}' but model.peft "
+                                "is null: load it with the run's config (its model.peft)")
+        if base["fingerprint"] != self._base_fingerprint:
+            raise TaskheadError(f"this LoRA checkpoint was trained on other base weights ('{base['model_name_or_path']}', "
+                                f"fingerprint {base['fingerprint']}) than '{self.model_name_or_path}' has now "
+                                f"({self._base_fingerprint}): use the same base model")
+        state = checkpoint["state_dict"]
+        frozen = {id(p) for p in self._frozen_base}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in frozen and name not in state:
+                state[name] = p.detach()
 
     def _restore_rng(self) -> None:
         state, self._rng_to_restore = self._rng_to_restore, None
@@ -184,9 +269,16 @@ class TaskModule(L.LightningModule):
         self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
+        strategy = getattr(self.trainer, "strategy", None)
+        if self._frozen_base is not None and type(strategy).__name__ == "FSDPStrategy" and not strategy.kwargs.get("use_orig_params", True):
+            raise TaskheadError("model.peft under FSDP needs trainer.strategy.init_args.use_orig_params: true (the default): "
+                                "a flat FSDP unit cannot mix frozen base weights and trainable adapters (litgpt #1392)")
         num_layers = getattr(self.model.config, "num_hidden_layers", None) or 0
-        # Every parameter starts trainable here, so the groups are fixed for the run even if the backbone starts frozen.
-        self.backbone.requires_grad_(True)
+        # Every trained parameter starts trainable here, so the groups are fixed for the run even if the backbone
+        # starts frozen. Under LoRA the frozen base stays out of the optimiser (no state, no decay, no update).
+        for p in self.tuned_backbone():
+            p.requires_grad_(True)
+        rank_zero_info(f"[model] {trainable_summary(self)[2]}" + (" (LoRA)" if is_peft(self.model) else ""))
         groups = param_groups(self, self.backbone, num_layers, self.optim_cfg)
         optimizer = build_optimizer(groups, self.optim_cfg, fused=self._unscaled_precision())
         total = int(self.trainer.estimated_stepping_batches)
@@ -213,18 +305,32 @@ class TaskModule(L.LightningModule):
         """Trainable weights outside ``self.model`` (a custom head); empty when the backbone's own head is used."""
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("model.")}
 
-    def export(self, out_dir: str | Path, tokenizer) -> Path:
-        """Write a Hugging Face directory: model + tokenizer (+ ``head.safetensors``) + ``taskhead.json``."""
+    def export(self, out_dir: str | Path, tokenizer, merge: bool = True) -> Path:
+        """Write a Hugging Face directory: model + tokenizer (+ ``head.safetensors``) + ``taskhead.json``.
+
+        Under ``model.peft``: ``merge`` folds the adapters into the weights (in place: this module then holds the
+        merged model) and writes a plain model; ``merge=False`` writes only the adapter (``adapter_config.json`` +
+        ``adapter_model.safetensors``, the head included) to load on top of the base (``source`` in taskhead.json)."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        hparams = {k: v for k, v in self.hparams.items() if k not in ("model_name_or_path", "_class_path")}
+        adapter = is_peft(self.model) and not merge
+        if is_peft(self.model) and merge:
+            if self.peft_cfg.quantization != "none":
+                raise TaskheadError("export: a QLoRA model's base is 4-bit; export it with --merge false (an adapter "
+                                    "directory) and merge onto a full-precision base")
+            self.model = self.model.merge_and_unload()
+            self._frozen_base = self._tuned_backbone = None
+            hparams["peft"] = None  # a plain model now: taskhead.load must not add fresh adapters
+        hparams["gradient_checkpointing"] = False  # a training setting; the export is for prediction
         self.model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         head = self.head_state_dict()
         if head:
             save_file(head, out / HEAD_WEIGHTS)
-        hparams = {k: v for k, v in self.hparams.items() if k not in ("model_name_or_path", "_class_path")}
-        spec = {"task": self.hparams["_class_path"], "hparams": hparams, "source": self.model_name_or_path}
+        spec = {"task": self.hparams["_class_path"], "hparams": hparams, "source": self.model_name_or_path,
+                "adapter": adapter}
         (out / EXPORT_CONFIG).write_text(json.dumps(spec, indent=2, default=str))
         return out

@@ -33,7 +33,7 @@ def resolve_model_path(name_or_path: str) -> str:
         path = Path(name_or_path).expanduser()
         if not path.is_dir():
             raise TaskheadError(f"model directory '{name_or_path}' does not exist")
-        if not (path / "config.json").is_file():  # e.g. a run directory: its export (taskhead export) is the model
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():  # adapter: --merge false  # e.g. a run directory: its export (taskhead export) is the model
             raise TaskheadError(f"model directory '{name_or_path}' has no config.json: give a directory written by "
                                 "save_pretrained or taskhead export")
         return str(path)
@@ -84,6 +84,10 @@ def load_pretrained(loader, name_or_path: str, **kwargs):
     """``loader.from_pretrained(resolved path, **kwargs)`` with a one-line error when the model cannot be loaded.
 
     A Hub id is looked up in the local cache first; only when it is not there is the network asked for, once."""
+    if name_or_path.endswith(".gguf"):  # a GGUF file (decoder-only LLMs): its converted safetensors directory
+        from taskhead.tasks.seq2seq_models import resolve_generator_path  # the converter lives with the generators
+
+        name_or_path = resolve_generator_path(name_or_path)
     path = resolve_model_path(name_or_path)
     is_hub_id = path == name_or_path and not Path(path).exists()
     try:
@@ -125,6 +129,39 @@ def load_model(auto_class, name_or_path: str, **kwargs):
 
 
 def load_tokenizer(name_or_path: str):
+    """The model's tokenizer, with a pad token (see ``ensure_pad_token``)."""
     from transformers import AutoTokenizer
 
-    return load_pretrained(AutoTokenizer, name_or_path)
+    return ensure_pad_token(load_pretrained(AutoTokenizer, name_or_path))
+
+
+def ensure_pad_token(tokenizer):
+    """Decoder-only tokenizers (Llama, GPT-2, Qwen, ...) often have no pad token, and batching needs one: use EOS
+    (then UNK). No token is added, so the embedding table keeps its size; padded positions are masked anyway."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is not None:
+            tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def is_decoder_only(config) -> bool:
+    """A causal LM family (Llama, Qwen, GPT-2, SmolLM, ...), not an encoder (BERT) nor an encoder-decoder (T5).
+    BERT also has a causal-LM class, so "has a masked-LM class" is what marks an encoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    kind = getattr(config, "model_type", "")
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def set_pad_token_id(model, tokenizer) -> None:
+    """The tokenizer's pad id into the model config (and generation config). ``*ForSequenceClassification`` of a
+    decoder-only model finds each row's last real token from ``config.pad_token_id`` and fails on batches of more
+    than one without it; a pad set on the tokenizer alone is lost on export (transformers #34055)."""
+    if tokenizer.pad_token_id is None:
+        raise TaskheadError(f"tokenizer '{tokenizer.name_or_path}' has no pad, eos or unk token to pad batches with")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -238,6 +238,7 @@ class ClassificationModule(TaskModule):
         scheduler: SchedulerConfig | None = None,
         max_length: int = 512,
         num_mistakes: int = 20,
+        **kwargs,
     ) -> None:
         """
         Args:
@@ -251,7 +252,7 @@ class ClassificationModule(TaskModule):
             max_length: Truncation length for raw-text prediction (linked from ``data.max_length``).
             num_mistakes: How many of the most confident test mistakes ``test`` writes out.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler)
+        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
         if not label_names:
             raise TaskheadError("model.label_names is empty: give labels in the data or --model.label_names")
         self.label_names = list(label_names)
@@ -274,7 +275,7 @@ class ClassificationModule(TaskModule):
         if self.head is None:
             return self.model(**inputs).logits  # (batch, num_labels)
         hidden = self.model(**inputs).last_hidden_state  # (batch, seq, hidden)
-        return self.head(pool(hidden, inputs["attention_mask"], self.head_cfg.pooling))  # (batch, num_labels)
+        return self.head(pool(hidden, inputs["attention_mask"], self.pooling))  # (batch, num_labels)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
         return self.loss_fn(self(batch["inputs"]), batch["labels"], self.class_weight)

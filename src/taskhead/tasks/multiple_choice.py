@@ -277,6 +277,7 @@ class MultipleChoiceModule(TaskModule):
         scheduler: SchedulerConfig | None = None,
         max_length: int = 512,
         num_mistakes: int = 20,
+        **kwargs,
     ) -> None:
         """
         Args:
@@ -293,7 +294,7 @@ class MultipleChoiceModule(TaskModule):
             max_length: Truncation length for raw-input prediction (linked from ``data.max_length``).
             num_mistakes: How many of the most confident test mistakes ``test`` writes out.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler)
+        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
         if num_choices < 2:
             raise TaskheadError(f"model.num_choices must be at least 2, got {num_choices}")
         if label_counts is not None and len(label_counts) != num_choices:  # checked again on every batch (_scores)
@@ -321,7 +322,7 @@ class MultipleChoiceModule(TaskModule):
         b, n = inputs["input_ids"].shape[:2]
         flat = {k: v.reshape(b * n, -1) for k, v in inputs.items()}  # (batch * choices, seq)
         hidden = self.model(**flat).last_hidden_state  # (batch * choices, seq, hidden)
-        scores = self.head(pool(hidden, flat["attention_mask"], self.head_cfg.pooling))  # (batch * choices, 1)
+        scores = self.head(pool(hidden, flat["attention_mask"], self.pooling))  # (batch * choices, 1)
         return scores.view(b, n)
 
     def _scores(self, batch: dict) -> torch.Tensor:

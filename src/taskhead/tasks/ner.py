@@ -264,6 +264,7 @@ class NerModule(TaskModule):
         max_length: int = 512,
         decoding: Literal["argmax", "viterbi"] = "argmax",
         num_errors: int = 50,
+        **kwargs,
     ) -> None:
         """
         Args:
@@ -281,7 +282,7 @@ class NerModule(TaskModule):
                 ``<stage>/viterbi/*`` report both.
             num_errors: How many test sentences with a wrong tag ``test`` writes to ``test_errors.json``.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler)
+        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
         if not label_names:
             raise TaskheadError("model.label_names is empty: give tagged data or --data.label_names (the CLI links it to the model)")
         if decoding not in DECODINGS:

@@ -174,6 +174,7 @@ class QAModule(TaskModule):
         n_best: int = 20,
         max_answer_length: int = 30,
         num_mistakes: int = 20,
+        **kwargs,
     ) -> None:
         """
         Args:
@@ -189,7 +190,7 @@ class QAModule(TaskModule):
             max_answer_length: Longest answer in tokens.
             num_mistakes: How many of the most confident wrong test answers ``test`` writes out.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler)
+        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
         self.head_cfg = as_config(HeadConfig, head)
         self.max_length, self.doc_stride, self.n_best = max_length, doc_stride, n_best
         self.max_answer_length, self.num_mistakes = max_answer_length, num_mistakes

@@ -20,6 +20,7 @@ from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.metrics import bleu_scores, degenerate_warnings, guard_scores, rouge_scores
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
+from taskhead.core.peft import unwrap
 from taskhead.errors import TaskheadError
 from taskhead.tasks.seq2seq_data import Seq2SeqDataModule, encode_sources  # noqa: F401  (YAML class_path: tasks.seq2seq)
 from taskhead.tasks.seq2seq_models import (
@@ -97,6 +98,7 @@ class Seq2SeqModule(TaskModule):
         max_length: int = 512,
         label_names: list[str] | None = None,
         label_counts: list[int] | None = None,
+        **kwargs,
     ) -> None:
         """
         Args:
@@ -120,7 +122,7 @@ class Seq2SeqModule(TaskModule):
             label_names: Unused (the CLI links it for every task).
             label_counts: Unused (the CLI links it for every task).
         """
-        super().__init__(model_name_or_path, optimizer, scheduler)
+        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
         if chat_template and architecture != "causal":
             raise TaskheadError("model.chat_template: true needs architecture: causal (a decoder-only chat model)")
         self.architecture, self.source_prefix, self.separator = architecture, source_prefix, separator
@@ -136,6 +138,7 @@ class Seq2SeqModule(TaskModule):
         self.model_name_or_path = resolve_generator_path(model_name_or_path)  # a .gguf → its converted directory
         self.tokenizer = load_generator_tokenizer(self.model_name_or_path)
         self.model = build_generator(architecture, self.model_name_or_path, self.tokenizer, tie_encoder_decoder)
+        self.adapt_model()  # model.peft (LoRA), model.gradient_checkpointing
         self.gen_config = generation_config(self.gen_options, self.model, self.tokenizer, architecture)
         self.loss_fn, _ = build_loss(self.loss_cfg, None, 0)
         self.texts = {"val": GeneratedTexts(metric), "test": GeneratedTexts(metric)}
@@ -145,7 +148,8 @@ class Seq2SeqModule(TaskModule):
     @property
     def backbone(self) -> torch.nn.Module:
         """Encoder of an encoder-decoder (``base_model`` is the whole model there), transformer body of a causal LM."""
-        return self.model.get_encoder() if self.architecture != "causal" else self.model.base_model
+        model = unwrap(self.model)  # the Hugging Face model, also under LoRA
+        return model.get_encoder() if self.architecture != "causal" else model.base_model
 
     # ---- loss -------------------------------------------------------------------------------------------------------
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,7 +272,7 @@ class Seq2SeqModule(TaskModule):
         return out[0] if single else out
 
     # ---- export -------------------------------------------------------------------------------------------------------
-    def export(self, out_dir, tokenizer):
+    def export(self, out_dir, tokenizer, merge: bool = True):
         """The HF directory gets ``generation_config.json``: the decoding settings validation and test used."""
-        self.model.generation_config = self.gen_config
-        return super().export(out_dir, ensure_pad(tokenizer))
+        unwrap(self.model).generation_config = self.gen_config
+        return super().export(out_dir, ensure_pad(tokenizer), merge)
