@@ -22,7 +22,7 @@ from taskhead.core.export import batched_inference
 from taskhead.core.losses import IGNORE_INDEX, LossConfig, build_loss
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.peft import unwrap
+from taskhead.core.peft import PeftConfig, unwrap
 from taskhead.core.readers import open_text, get_text, read_records
 from taskhead.errors import TaskheadError
 from taskhead.tasks.seq2seq_models import (
@@ -344,7 +344,8 @@ class Seq2SeqModule(TaskModule):
         max_length: int = 512,
         label_names: list[str] | None = None,
         label_counts: list[int] | None = None,
-        **kwargs,
+        peft: PeftConfig | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -361,11 +362,13 @@ class Seq2SeqModule(TaskModule):
             optimizer: AdamW options; the backbone is the encoder (seq2seq) or the transformer body (causal), and
                 ``head_lr`` applies to the decoder / LM head.
             scheduler: Per-step LR schedule with warmup.
+            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
+            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
             max_length: Source truncation for raw-text predict (linked from ``data.max_length``).
             label_names: Unused (the CLI links it for every task).
             label_counts: Unused (the CLI links it for every task).
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
+        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
         self.architecture, self.source_prefix, self.separator = architecture, source_prefix, separator
         self.gen_options = as_config(GenerationOptions, generation) or GenerationOptions()
         self.loss_cfg = as_config(LossConfig, loss) or LossConfig()
