@@ -28,6 +28,7 @@ from taskhead.core.heads import HeadConfig, pool
 from taskhead.core.losses import LossConfig
 from taskhead.core.module import TaskModule, as_config, label_maps
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
+from taskhead.core.peft import PeftConfig
 from taskhead.core.readers import get_field, get_text
 from taskhead.errors import TaskheadError
 
@@ -238,7 +239,8 @@ class ClassificationModule(TaskModule):
         scheduler: SchedulerConfig | None = None,
         max_length: int = 512,
         num_mistakes: int = 20,
-        **kwargs,
+        peft: PeftConfig | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -249,10 +251,12 @@ class ClassificationModule(TaskModule):
             loss: Loss function and its options.
             optimizer: AdamW, learning rates, layer-wise decay, freezing.
             scheduler: Per-step LR schedule with warmup.
+            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
+            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
             max_length: Truncation length for raw-text prediction (linked from ``data.max_length``).
             num_mistakes: How many of the most confident test mistakes ``test`` writes out.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
+        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
         if not label_names:
             raise TaskheadError("model.label_names is empty: give labels in the data or --model.label_names")
         self.label_names = list(label_names)

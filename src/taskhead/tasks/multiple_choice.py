@@ -20,6 +20,7 @@ from taskhead.core.heads import HeadConfig, pool
 from taskhead.core.losses import LossConfig
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
+from taskhead.core.peft import PeftConfig
 from taskhead.core.readers import get_field, get_text
 from taskhead.errors import TaskheadError
 
@@ -277,7 +278,8 @@ class MultipleChoiceModule(TaskModule):
         scheduler: SchedulerConfig | None = None,
         max_length: int = 512,
         num_mistakes: int = 20,
-        **kwargs,
+        peft: PeftConfig | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -291,10 +293,12 @@ class MultipleChoiceModule(TaskModule):
             loss: Loss over the choices of each example (cross-entropy, label smoothing allowed).
             optimizer: AdamW, learning rates, layer-wise decay, freezing.
             scheduler: Per-step LR schedule with warmup.
+            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
+            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
             max_length: Truncation length for raw-input prediction (linked from ``data.max_length``).
             num_mistakes: How many of the most confident test mistakes ``test`` writes out.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
+        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
         if num_choices < 2:
             raise TaskheadError(f"model.num_choices must be at least 2, got {num_choices}")
         if label_counts is not None and len(label_counts) != num_choices:  # checked again on every batch (_scores)

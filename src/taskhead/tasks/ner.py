@@ -24,6 +24,7 @@ from taskhead.core.heads import HeadConfig
 from taskhead.core.losses import LossConfig
 from taskhead.core.module import TaskModule, as_config, label_maps
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
+from taskhead.core.peft import PeftConfig
 from taskhead.core.readers import get_field, get_text
 from taskhead.errors import TaskheadError
 from taskhead.tasks.ner_tags import (
@@ -264,7 +265,8 @@ class NerModule(TaskModule):
         max_length: int = 512,
         decoding: Literal["argmax", "viterbi"] = "argmax",
         num_errors: int = 50,
-        **kwargs,
+        peft: PeftConfig | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -276,13 +278,15 @@ class NerModule(TaskModule):
             loss: Loss function and its options (on first sub-tokens; -100 is ignored).
             optimizer: AdamW, learning rates, layer-wise decay, freezing.
             scheduler: Per-step LR schedule with warmup.
+            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
+            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
             max_length: Truncation length for raw-text prediction (linked from ``data.max_length``).
             decoding: Word tags by per-word argmax, or by Viterbi under IOB2 constraints (no ``I-X`` after ``O`` or
                 after another type). Metrics without a prefix use this one; ``<stage>/argmax/*`` and
                 ``<stage>/viterbi/*`` report both.
             num_errors: How many test sentences with a wrong tag ``test`` writes to ``test_errors.json``.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
+        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
         if not label_names:
             raise TaskheadError("model.label_names is empty: give tagged data or --data.label_names (the CLI links it to the model)")
         if decoding not in DECODINGS:

@@ -23,6 +23,7 @@ from taskhead.core.export import batched_inference
 from taskhead.core.heads import HeadConfig
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
+from taskhead.core.peft import PeftConfig
 from taskhead.core.readers import file_format, get_field, get_text, read_records
 from taskhead.errors import TaskheadError
 from taskhead.tasks.qa_spans import (
@@ -174,7 +175,8 @@ class QAModule(TaskModule):
         n_best: int = 20,
         max_answer_length: int = 30,
         num_mistakes: int = 20,
-        **kwargs,
+        peft: PeftConfig | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -184,13 +186,15 @@ class QAModule(TaskModule):
             head: A custom per-token head giving start/end logits; ``null`` keeps ``AutoModelForQuestionAnswering``'s.
             optimizer: AdamW, learning rates, layer-wise decay, freezing.
             scheduler: Per-step LR schedule with warmup.
+            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
+            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
             max_length: Window length for raw-text prediction (linked from ``data.max_length``).
             doc_stride: Window overlap for raw-text prediction; keep it equal to ``data.doc_stride``.
             n_best: Start and end candidates per window, and spans kept per question.
             max_answer_length: Longest answer in tokens.
             num_mistakes: How many of the most confident wrong test answers ``test`` writes out.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
+        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
         self.head_cfg = as_config(HeadConfig, head)
         self.max_length, self.doc_stride, self.n_best = max_length, doc_stride, n_best
         self.max_answer_length, self.num_mistakes = max_answer_length, num_mistakes

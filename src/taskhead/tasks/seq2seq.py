@@ -20,7 +20,7 @@ from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.metrics import bleu_scores, degenerate_warnings, guard_scores, rouge_scores
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.peft import unwrap
+from taskhead.core.peft import PeftConfig, unwrap
 from taskhead.errors import TaskheadError
 from taskhead.tasks.seq2seq_data import Seq2SeqDataModule, encode_sources  # noqa: F401  (YAML class_path: tasks.seq2seq)
 from taskhead.tasks.seq2seq_models import (
@@ -98,7 +98,8 @@ class Seq2SeqModule(TaskModule):
         max_length: int = 512,
         label_names: list[str] | None = None,
         label_counts: list[int] | None = None,
-        **kwargs,
+        peft: PeftConfig | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -118,11 +119,13 @@ class Seq2SeqModule(TaskModule):
             optimizer: AdamW options; the backbone is the encoder (seq2seq) or the transformer body (causal), and
                 ``head_lr`` applies to the decoder / LM head.
             scheduler: Per-step LR schedule with warmup.
+            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
+            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
             max_length: Source truncation for raw-text predict (linked from ``data.max_length``).
             label_names: Unused (the CLI links it for every task).
             label_counts: Unused (the CLI links it for every task).
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, **kwargs)  # + peft, gradient_checkpointing
+        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
         if chat_template and architecture != "causal":
             raise TaskheadError("model.chat_template: true needs architecture: causal (a decoder-only chat model)")
         self.architecture, self.source_prefix, self.separator = architecture, source_prefix, separator
