@@ -39,17 +39,23 @@ def print_help() -> None:
     print(HELP % "\n".join(f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items()))
 
 
+def option_value(argv: list[str], option: str, default: str | None = None) -> str | None:
+    """The value the CLI will use for ``option`` given on the command line: its last ``--opt value`` / ``--opt=value``."""
+    value = default
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def run_config_for(argv: list[str]) -> list[str]:
     """``validate|test|predict --ckpt_path <run>/checkpoints/x.ckpt``: put the run's saved ``config.yaml`` first, so the
     checkpoint alone is enough; the user's own ``--config`` files and options, which come after it, still win."""
     if not argv or argv[0] not in ("validate", "test", "predict"):
         return argv
-    ckpt = None
-    for i, arg in enumerate(argv):
-        if arg == "--ckpt_path" and i + 1 < len(argv):
-            ckpt = argv[i + 1]
-        elif arg.startswith("--ckpt_path="):
-            ckpt = arg.split("=", 1)[1]
+    ckpt = option_value(argv, "--ckpt_path")
     if not ckpt or "://" in ckpt:
         return argv
     path = Path(ckpt)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from taskhead.cli import option_value
 from taskhead.errors import TaskheadError
 
 DISTRIBUTIONS = ("float", "int", "categorical")
@@ -217,16 +218,6 @@ def trials_table(trials, metric: str) -> str:
 
 def format_value(v: Any) -> str:
     return "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def option_value(argv: list[str], option: str) -> str | None:
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == option and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(option + "="):
-            value = arg.split("=", 1)[1]
-    return value
 
 
 def latest_run(runs: Path) -> Path | None:
