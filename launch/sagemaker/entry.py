@@ -21,6 +21,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from taskhead.cli import option_value  # the command line's last --opt value (taskhead.cli imports nothing heavy)
+
 CHANNELS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
 CHECKPOINT_DIR = "/opt/ml/checkpoints"  # the estimator's checkpoint_local_path (launch.py sets the same)
 
@@ -106,17 +108,6 @@ def build_argv(env: Mapping[str, str], user_args: list[str]) -> list[str]:
     if not configs:
         raise SetupError("no --config hyperparameter: pass e.g. hyperparameters={'config': 'configs/imdb.yaml'}")
     return ["fit", *configs, *data_args(env), *trainer_args(env), *output_args(env), *rest]
-
-
-def option_value(argv: list[str], option: str, default: str) -> str:
-    """The value the CLI will use for ``option``: its last occurrence (``--opt value`` or ``--opt=value``)."""
-    value = default
-    for i, arg in enumerate(argv):
-        if arg == option and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(option + "="):
-            value = arg.split("=", 1)[1]
-    return value
 
 
 def best_checkpoint(ckpt_dir: str | Path) -> Path | None:

@@ -60,6 +60,7 @@ def package_version() -> str:
 
 
 class TaskDataModule(L.LightningDataModule):
+    load_tokenizer = staticmethod(load_tokenizer)  # how ``tokenizer`` loads; generator tasks load theirs with a pad token
     stratify_column: str | None = None  # set by tasks whose held-out validation split should be stratified
 
     def __init__(
@@ -173,7 +174,7 @@ class TaskDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if not self.hparams.model_name_or_path:
                 raise TaskheadError("data.model_name_or_path is not set (the CLI links it from model.model_name_or_path)")
-            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+            self._tokenizer = self.load_tokenizer(self.hparams.model_name_or_path)
         return self._tokenizer
 
     def data_files(self) -> dict[str, str]:

@@ -106,6 +106,7 @@ def pad_to(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tenso
 
 
 class Seq2SeqDataModule(TaskDataModule):
+    load_tokenizer = staticmethod(load_generator_tokenizer)  # a pad token for decoder-only generators
     def __init__(
         self,
         source_field: str = "document",
@@ -142,14 +143,6 @@ class Seq2SeqDataModule(TaskDataModule):
         self.save_hyperparameters()
         self._slices: dict[str, slice] = {}
         self._specs: dict[str, str] = {}  # split key → the file spec as given (path[start:stop]), for messages
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            if not self.hparams.model_name_or_path:
-                raise TaskheadError("data.model_name_or_path is not set (the CLI links it from model.model_name_or_path)")
-            self._tokenizer = load_generator_tokenizer(self.hparams.model_name_or_path)
-        return self._tokenizer
 
     def data_files(self) -> dict[str, str]:
         """Split → file; extra training files are ``train+1``, ``train+2``, ... until ``check_splits`` merges them."""
