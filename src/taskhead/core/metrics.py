@@ -112,3 +112,55 @@ def degenerate_warnings(scores: dict[str, float], n_outputs: int, max_new_tokens
                      "off, no end-of-sequence): the model does not stop; raise model.generation.max_new_tokens or train "
                      f"longer (repeated {REPEAT_N}-grams within outputs: {scores[f'repeated_{REPEAT_N}grams']:.0%})")
     return lines
+
+
+# ---- choosing one of N: classification and multiple choice --------------------------------------------------------------
+
+
+def multiclass_metrics(num_classes: int, per_class: tuple[str, ...] = ("precision", "recall", "f1")):
+    """Accuracy and macro-F1 (torchmetrics), plus the ``per_class`` vectors among precision / recall / f1; states sum
+    over batches and ranks before compute. Per-class recall of multiple choice is its accuracy by gold position."""
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+
+    vectors = {"precision": MulticlassPrecision, "recall": MulticlassRecall, "f1": MulticlassF1Score}
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+        **{name: vectors[name](num_classes, average=None) for name in per_class},
+    })
+
+
+def flatten_metrics(stage: str, values: dict, names: list[str]) -> dict[str, float]:
+    """Scalars as ``stage/name``; per-class vectors as ``stage/name/<class name>``."""
+    flat = {}
+    for name, v in values.items():
+        if v.ndim == 0:
+            flat[f"{stage}/{name}"] = float(v)
+        else:
+            flat.update({f"{stage}/{name}/{label}": float(x) for label, x in zip(names, v.tolist(), strict=True)})
+    return flat
+
+
+class MostConfident:
+    """The ``k`` most confident mistakes of a pass, kept in a bounded heap (memory O(k), whatever the split's size).
+    ``add(confidence, *fields)``; ``take(gather)`` merges every rank's heap (``TaskModule.gather``), returns the top
+    ``k`` as ``(confidence, *fields)`` tuples, most confident first, and empties the heap."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.items, self._seen = k, [], 0
+
+    def add(self, confidence: float, *fields) -> None:
+        import heapq
+
+        # the sequence number breaks ties between equal confidences without comparing the fields
+        self._seen += 1
+        heapq.heappush(self.items, (confidence, self._seen, fields))
+        if len(self.items) > self.k:
+            heapq.heappop(self.items)
+
+    def take(self, gather=list) -> list[tuple]:
+        import heapq
+
+        items, self.items = gather([(c, f) for c, _, f in self.items]), []
+        return [(c, *f) for c, f in heapq.nlargest(self.k, items, key=lambda item: item[0])]

@@ -263,9 +263,44 @@ class TaskModule(L.LightningModule):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["python_rng"])
 
-    def log_eval_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
+    # ---- evaluation: the Lightning hooks live here; a task implements eval_step and eval_epoch_end ----------------
+    def eval_step(self, batch: dict, stage: str) -> None:
+        """One validation (``stage`` "val") or test ("test") batch: update the task's metrics and ``log_eval_loss``."""
+        raise NotImplementedError
+
+    def eval_epoch_end(self, stage: str) -> None:
+        """Compute, log and reset the task's metrics for ``stage``; after "test", set ``self.test_artifacts``
+        (file name → JSON-able object, written beside metrics.json by ``RunArtifacts``)."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.eval_epoch_end("test")
+
+    def gather(self, items: list) -> list:
+        """Every rank's Python list, concatenated in rank order, on every rank (the list itself on one process).
+        A collective: every rank must call it at the same point."""
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world <= 1 or not torch.distributed.is_initialized():
+            return list(items)
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def log_eval_loss(self, stage: str, loss: torch.Tensor, weight: int | float) -> None:
+        """Accumulate ``loss`` for ``stage/loss``: a mean over the whole split weighted by ``weight`` (the samples
+        for a per-sample mean, the counted tokens for a per-token mean: exact either way), synced once at epoch end."""
         metric = self.eval_loss[stage]
-        metric.update(loss.detach().float(), weight=batch_size)
+        metric.update(loss.detach().float(), weight=weight)
         self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):

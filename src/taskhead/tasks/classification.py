@@ -6,26 +6,19 @@ In order: preprocessing (ClassificationDataModule), post-processing (probabiliti
 
 from __future__ import annotations
 
-import heapq
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from taskhead.core.arrow import numpy_column
 from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
 from taskhead.core.heads import HeadConfig, pool
 from taskhead.core.losses import LossConfig
+from taskhead.core.metrics import MostConfident, flatten_metrics, multiclass_metrics
 from taskhead.core.module import TaskModule, as_config, label_maps
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
 from taskhead.core.peft import PeftConfig
@@ -197,33 +190,6 @@ def to_predictions(probs: torch.Tensor, label_names: list[str]) -> list[dict]:
     return out
 
 
-# ---- metric ---------------------------------------------------------------------------------------------------------
-
-
-def build_metrics(num_labels: int) -> MetricCollection:
-    """Accuracy and macro-F1, plus per-class P/R/F1; states sum over batches (and ranks) before compute."""
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_labels, average="micro"),
-            "f1_macro": MulticlassF1Score(num_labels, average="macro"),
-            "precision": MulticlassPrecision(num_labels, average=None),
-            "recall": MulticlassRecall(num_labels, average=None),
-            "f1": MulticlassF1Score(num_labels, average=None),
-        }
-    )
-
-
-def flatten_metrics(stage: str, values: dict[str, torch.Tensor], label_names: list[str]) -> dict[str, float]:
-    """Scalars as ``stage/name``; per-class vectors as ``stage/name/<label>``."""
-    flat = {}
-    for name, v in values.items():
-        if v.ndim == 0:
-            flat[f"{stage}/{name}"] = float(v)
-        else:
-            flat.update({f"{stage}/{name}/{label}": float(x) for label, x in zip(label_names, v)})
-    return flat
-
-
 # ---- model ----------------------------------------------------------------------------------------------------------
 
 
@@ -269,10 +235,9 @@ class ClassificationModule(TaskModule):
         # head: null → the backbone's own head, e.g. BERT's pooler + classifier
         self.build_model(AutoModelForSequenceClassification, self.head_cfg, n, **label_maps(self.label_names))
         self.set_loss(self.loss_cfg, label_counts, n)
-        self.val_metrics = build_metrics(n)
-        self.test_metrics = build_metrics(n)
+        self.metrics = torch.nn.ModuleDict({"val": multiclass_metrics(n), "test": multiclass_metrics(n)})
         self.confusion = MulticlassConfusionMatrix(n)
-        self.mistakes: list[tuple] = []
+        self.mistakes = MostConfident(num_mistakes)
         self.test_artifacts: dict = {}
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -284,50 +249,30 @@ class ClassificationModule(TaskModule):
     def training_loss(self, batch: dict) -> torch.Tensor:
         return self.loss_fn(self(batch["inputs"]), batch["labels"], self.class_weight)
 
-    def _eval_step(self, batch: dict, stage: str, metrics: MetricCollection) -> torch.Tensor:
+    def eval_step(self, batch: dict, stage: str) -> None:
         logits = self(batch["inputs"]).float()
-        loss = self.loss_fn(logits, batch["labels"], self.class_weight)
-        self.log_eval_loss(stage, loss, batch["stats"]["samples"])
-        metrics.update(logits, batch["labels"])
-        return logits
+        labels = batch["labels"]
+        self.log_eval_loss(stage, self.loss_fn(logits, labels, self.class_weight), batch["stats"]["samples"])
+        self.metrics[stage].update(logits, labels)
+        if stage == "test":
+            conf, pred = logits.softmax(-1).max(-1)
+            self.confusion.update(pred, labels)
+            for i in (pred != labels).nonzero().flatten().tolist():
+                self.mistakes.add(float(conf[i]), int(batch["idx"][i]), batch["text"][i], int(labels[i]), int(pred[i]))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(flatten_metrics("val", self.val_metrics.compute(), self.label_names), prog_bar=False)
-        self.val_metrics.reset()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self._eval_step(batch, "test", self.test_metrics)
-        probs = logits.softmax(-1)
-        conf, pred = probs.max(-1)
-        self.confusion.update(pred, batch["labels"])
-        wrong = (pred != batch["labels"]).nonzero().flatten().tolist()
-        for i in wrong:  # a bounded heap: only the most confident mistakes are kept
-            item = (float(conf[i]), int(batch["idx"][i]), batch["text"][i], int(batch["labels"][i]), int(pred[i]))
-            heapq.heappush(self.mistakes, item)
-            if len(self.mistakes) > self.num_mistakes:
-                heapq.heappop(self.mistakes)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(flatten_metrics("test", self.test_metrics.compute(), self.label_names))
-        self.test_metrics.reset()
-        mistakes = self.mistakes
-        if self.trainer.world_size > 1:
-            parts: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(parts, mistakes)
-            mistakes = [m for part in parts for m in part]
-        mistakes = heapq.nlargest(self.num_mistakes, mistakes)
+    def eval_epoch_end(self, stage: str) -> None:
+        self.log_dict(flatten_metrics(stage, self.metrics[stage].compute(), self.label_names))
+        self.metrics[stage].reset()
+        if stage != "test":
+            return
         self.test_artifacts = {
             "confusion_matrix.json": {"labels": self.label_names, "rows_gold_cols_pred": self.confusion.compute().tolist()},
             "test_mistakes.json": [
                 {"index": idx, "text": text, "gold": self.label_names[g], "pred": self.label_names[p], "confidence": c}
-                for c, idx, text, g, p in mistakes
+                for c, idx, text, g, p in self.mistakes.take(self.gather)
             ],
         }
         self.confusion.reset()
-        self.mistakes = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         preds = to_predictions(self(batch["inputs"]).float().softmax(-1), self.label_names)
