@@ -17,7 +17,8 @@ import yaml
 from huggingface_hub import ModelCard
 
 from taskhead.cli import run_cli
-from taskhead.core.card import base_card_metadata, find_test_metrics, is_hub_id, render_card, task_kind
+from taskhead.core.card import render_card, task_kind
+from taskhead.core.run_facts import base_card_metadata, find_test_metrics, is_hub_id
 from taskhead.core.export import export_checkpoint, push_to_hub
 from taskhead.errors import TaskheadError
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from taskhead.core.card import run_facts, write_card
+from taskhead.core.card import write_card
+from taskhead.core.run_facts import run_facts
 from taskhead.core.pretrained import hub_offline
 from taskhead.core.module import EXPORT_CONFIG, HEAD_WEIGHTS
 from taskhead.core.pretrained import load_tokenizer
