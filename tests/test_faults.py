@@ -206,3 +206,20 @@ def test_out_of_memory_names_batch_size_and_max_length(error, tiny_bert, review_
     assert line.startswith("taskhead: error: out of memory (")
     assert "--data.batch_size 16 (eval: 32) and --data.max_length 64" in line
     assert "--trainer.accumulate_grad_batches" in line
+
+
+def test_data_file_hash_is_read_once_per_version_of_the_file(tmp_path, monkeypatch):
+    # a resumed fit compares the data with its manifest, then writes the manifest: the file is read once for both
+    import builtins
+
+    from taskhead.core.callbacks import sha256_file
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n')
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    first = sha256_file(data)
+    assert sha256_file(str(data)) == first and opened.count(str(data.resolve())) == 1
+    data.write_text('{"text": "bb", "label": 1}\n')  # changed (size and mtime): read again, new hash
+    assert sha256_file(data) != first and opened.count(str(data.resolve())) == 2

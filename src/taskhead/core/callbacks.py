@@ -6,6 +6,7 @@ are written atomically: a temp file renamed into place, so a crash never leaves 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -77,6 +78,14 @@ def run_dir(trainer: L.Trainer) -> Path:
 
 
 def sha256_file(path: str | Path) -> str:
+    """The file's SHA-256, read once per process for a given (path, size, mtime): a resumed fit compares the data with
+    its run's manifest and then writes the manifest again, and a 10 GB file should not be read twice for that."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
