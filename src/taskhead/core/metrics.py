@@ -164,3 +164,49 @@ class MostConfident:
 
         items, self.items = gather([(c, f) for c, _, f in self.items]), []
         return [(c, *f) for c, f in heapq.nlargest(self.k, items, key=lambda item: item[0])]
+
+
+# ---- multi-label and regression classification -------------------------------------------------------------------------
+
+
+def multilabel_metrics(num_labels: int):
+    """Micro- and macro-F1 plus per-label precision / recall / F1 (torchmetrics ``Multilabel*``). Update them with
+    0/1 predictions (probabilities already thresholded), so the decision threshold can change between passes."""
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MultilabelF1Score, MultilabelPrecision, MultilabelRecall
+
+    return MetricCollection({
+        "f1_micro": MultilabelF1Score(num_labels, average="micro"),
+        "f1_macro": MultilabelF1Score(num_labels, average="macro"),
+        "precision": MultilabelPrecision(num_labels, average=None),
+        "recall": MultilabelRecall(num_labels, average=None),
+        "f1": MultilabelF1Score(num_labels, average=None),
+    })
+
+
+THRESHOLD_GRID = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 ... 0.95
+
+
+def threshold_curve():
+    """Micro-averaged precision/recall of every (row, label) decision at each threshold of ``THRESHOLD_GRID``
+    (torchmetrics' binned curve: memory O(thresholds) whatever the split's size); ``best_threshold`` reads it."""
+    from torchmetrics.classification import BinaryPrecisionRecallCurve
+
+    return BinaryPrecisionRecallCurve(thresholds=THRESHOLD_GRID)
+
+
+def best_threshold(curve) -> tuple[float, float]:
+    """``(threshold, micro-F1 at it)``: the grid threshold with the highest micro-F1 (the lowest on ties)."""
+    precision, recall, thresholds = curve.compute()  # precision/recall: one more entry than thresholds (the end point)
+    p, r = precision[:-1], recall[:-1]
+    f1 = (2 * p * r / (p + r)).nan_to_num(0.0)
+    best = int(f1.argmax())
+    return float(thresholds[best]), float(f1[best])
+
+
+def regression_metrics():
+    """Pearson and Spearman correlation and RMSE between predicted and gold scores (torchmetrics)."""
+    from torchmetrics import MeanSquaredError, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
+
+    return MetricCollection({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef(),
+                             "rmse": MeanSquaredError(squared=False)})
