@@ -147,7 +147,7 @@ def fit_test_predict(config: str, tiny_bert: str, root: Path, files: dict[str, s
     """fit, then test and predict (on the test file) on the best checkpoint; returns (fit cli, metrics, predictions,
     best checkpoint)."""
     args = cli_args(tiny_bert, {"train": files["train"], "validation": files["validation"]}, root, *extra,
-                    "--model.optimizer.lr", "3e-3", "--model.scheduler.warmup_ratio", "0.0", config=config)
+                    "--model.scheduler.warmup_ratio", "0.0", config=config)
     cli = run_cli(["fit", *args])
     best = cli.trainer.checkpoint_callback.best_model_path
     test = run_cli(["test", "--ckpt_path", best, "--data.test_file", files["test"]])
@@ -170,7 +170,8 @@ def test_multi_label_fit_test_predict_export(tiny_bert, tmp_path_factory, emotio
 
     root = tmp_path_factory.mktemp("multi")
     cli, metrics, preds, best = fit_test_predict("go_emotions.yaml", tiny_bert, root, emotion_files,
-                                                 "--data.label_field", "labels", "--trainer.max_epochs", "4")
+                                                 "--data.label_field", "labels", "--trainer.max_epochs", "12",
+                                                 "--model.optimizer.lr", "2e-3")
     module = cli.model
     assert module.problem_type == "multi_label" and module.label_names == ["anger", "joy", "music"]
     threshold = float(cli.trainer.callback_metrics["val/threshold"])  # threshold: auto, chosen on validation
@@ -184,8 +185,10 @@ def test_multi_label_fit_test_predict_export(tiny_bert, tmp_path_factory, emotio
     assert metrics["test/f1_macro"] == pytest.approx(f1_score(y, yhat, average="macro", zero_division=0), abs=1e-6)
     per_label = precision_score(y, yhat, average=None, zero_division=0)
     assert [metrics[f"test/precision/{n}"] for n in module.label_names] == pytest.approx(per_label.tolist(), abs=1e-6)
-    assert metrics["test/f1_micro"] >= 0.8  # two marker words per label: a tiny model learns it
-    assert all(p["labels"] == [n for n, s in sorted(p["scores"].items(), key=lambda x: -x[1]) if s >= threshold] for p in preds)
+    share = y.mean()  # predicting every label everywhere scores micro-F1 2p / (1 + p): the model must beat that
+    assert metrics["test/f1_micro"] > 2 * share / (1 + share) + 0.1
+    chosen = float(torch.load(best, weights_only=True)["state_dict"]["decision_threshold"])  # at the best step
+    assert all(p["labels"] == [n for n, s in sorted(p["scores"].items(), key=lambda x: -x[1]) if s >= chosen] for p in preds)
 
     out = export_checkpoint(best, tmp_path_factory.mktemp("multi-export") / "export")
     assert json.loads((out / "config.json").read_text())["problem_type"] == "multi_label_classification"
@@ -211,8 +214,8 @@ def test_regression_fit_test_predict_export(tiny_bert, tmp_path_factory, pair_fi
     from scipy.stats import pearsonr, spearmanr
 
     root = tmp_path_factory.mktemp("regression")
-    cli, metrics, preds, best = fit_test_predict("stsb.yaml", tiny_bert, root, pair_files, "--trainer.max_epochs", "4",
-                                                 "--model.loss.regression", "huber")
+    cli, metrics, preds, best = fit_test_predict("stsb.yaml", tiny_bert, root, pair_files, "--trainer.max_epochs", "12",
+                                                 "--model.optimizer.lr", "2e-3", "--model.loss.regression", "huber")
     assert cli.model.problem_type == "regression" and cli.model.label_names is None
     gold = np.array([json.loads(line)["label"] for line in Path(pair_files["test"]).read_text().splitlines()])
     score = np.array([p["score"] for p in preds])
