@@ -206,7 +206,13 @@ def best_threshold(curve) -> tuple[float, float]:
 
 def regression_metrics():
     """Pearson and Spearman correlation and RMSE between predicted and gold scores (torchmetrics)."""
+    import warnings
+
     from torchmetrics import MeanSquaredError, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
 
-    return MetricCollection({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef(),
-                             "rmse": MeanSquaredError(squared=False)})
+    with warnings.catch_warnings():
+        # "will save all targets and predictions": ranks need the whole split, and two floats per example is the
+        # least that can hold it (a million examples: 8 MB); said here once instead of on every run
+        warnings.filterwarnings("ignore", message=".*SpearmanCorrcoef.*will save all targets", category=UserWarning)
+        spearman = SpearmanCorrCoef()
+    return MetricCollection({"pearson": PearsonCorrCoef(), "spearman": spearman, "rmse": MeanSquaredError(squared=False)})
