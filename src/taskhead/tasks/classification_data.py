@@ -204,7 +204,11 @@ class ClassificationDataModule(TaskDataModule):
         if self.problem_type != "regression" and "train" in self.parsed and "label" in self.parsed["train"].column_names:
             # the rows a fit trains on: the same seeded hold-out (when there is no validation split) and subset
             held_out = "validation" not in self._sources()
-            counts = self._count_labels(self._subset("train", held_out))
+            try:
+                rows = self._subset("train", held_out)
+            except ValueError:  # too few rows to hold any out: only a fit needs that, and it stops on this same error
+                rows = self.parsed["train"]
+            counts = self._count_labels(rows)
         return {"label_names": self._known_names(), "label_counts": counts}
 
     def restore_facts(self, facts: dict) -> None:
