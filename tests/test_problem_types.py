@@ -143,35 +143,29 @@ def test_bad_labels_stop_with_one_line(tiny_bert, tmp_path, capsys, config, file
 
 # ---- end to end from the shipped YAMLs --------------------------------------------------------------------------------
 
-def fit_test_predict(config: str, tiny_bert: str, root: Path, files: dict[str, str], *extra: str):
-    """fit, then test and predict (on the test file) on the best checkpoint; returns (fit cli, metrics, predictions,
-    best checkpoint)."""
+def fit_test_predict(config: str, make, tiny_bert: str, root: Path, *extra: str):
+    """Train/validation/test files from ``make``; fit (12 short epochs), then test and predict (on the test file) on
+    the best checkpoint. Returns (fit cli, metrics, predictions, best checkpoint, files)."""
+    files = {split: str(write_jsonl(root / f"{split}.jsonl", make(n, seed)))
+             for split, n, seed in (("train", 256, 1), ("validation", 64, 2), ("test", 64, 3))}
     args = cli_args(tiny_bert, {"train": files["train"], "validation": files["validation"]}, root, *extra,
-                    "--model.scheduler.warmup_ratio", "0.0", config=config)
+                    "--trainer.max_epochs", "12", "--model.optimizer.lr", "2e-3", "--model.scheduler.warmup_ratio", "0.0",
+                    config=config)
     cli = run_cli(["fit", *args])
     best = cli.trainer.checkpoint_callback.best_model_path
     test = run_cli(["test", "--ckpt_path", best, "--data.test_file", files["test"]])
     metrics = json.loads((Path(test.trainer.log_dir) / "metrics.json").read_text())
     pred = run_cli(["predict", "--ckpt_path", best, "--data.predict_file", files["test"]])
     lines = (Path(pred.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
-    return cli, metrics, [json.loads(line) for line in lines], best
+    return cli, metrics, [json.loads(line) for line in lines], best, files
 
 
-@pytest.fixture(scope="module")
-def emotion_files(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("emotions")
-    return {split: str(write_jsonl(d / f"{split}.jsonl", make_emotions(n, seed)))
-            for split, n, seed in (("train", 256, 1), ("validation", 64, 2), ("test", 64, 3))}
-
-
-def test_multi_label_fit_test_predict_export(tiny_bert, tmp_path_factory, emotion_files):
+def test_multi_label_fit_test_predict_export(tiny_bert, tmp_path_factory):
     from sklearn.metrics import f1_score, precision_score
     from sklearn.preprocessing import MultiLabelBinarizer
 
-    root = tmp_path_factory.mktemp("multi")
-    cli, metrics, preds, best = fit_test_predict("go_emotions.yaml", tiny_bert, root, emotion_files,
-                                                 "--data.label_field", "labels", "--trainer.max_epochs", "12",
-                                                 "--model.optimizer.lr", "2e-3")
+    cli, metrics, preds, best, emotion_files = fit_test_predict("go_emotions.yaml", make_emotions, tiny_bert,
+                                                                tmp_path_factory.mktemp("multi"), "--data.label_field", "labels")
     module = cli.model
     assert module.problem_type == "multi_label" and module.label_names == ["anger", "joy", "music"]
     threshold = float(cli.trainer.callback_metrics["val/threshold"])  # threshold: auto, chosen on validation
@@ -203,19 +197,11 @@ def test_multi_label_fit_test_predict_export(tiny_bert, tmp_path_factory, emotio
         assert {s["label"]: s["score"] for s in scores} == pytest.approx(ours["scores"], abs=1e-5)  # sigmoid, not softmax
 
 
-@pytest.fixture(scope="module")
-def pair_files(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("pairs")
-    return {split: str(write_jsonl(d / f"{split}.jsonl", make_pairs(n, seed)))
-            for split, n, seed in (("train", 256, 1), ("validation", 64, 2), ("test", 64, 3))}
-
-
-def test_regression_fit_test_predict_export(tiny_bert, tmp_path_factory, pair_files):
+def test_regression_fit_test_predict_export(tiny_bert, tmp_path_factory):
     from scipy.stats import pearsonr, spearmanr
 
-    root = tmp_path_factory.mktemp("regression")
-    cli, metrics, preds, best = fit_test_predict("stsb.yaml", tiny_bert, root, pair_files, "--trainer.max_epochs", "12",
-                                                 "--model.optimizer.lr", "2e-3", "--model.loss.regression", "huber")
+    cli, metrics, preds, best, pair_files = fit_test_predict("stsb.yaml", make_pairs, tiny_bert,
+                                                             tmp_path_factory.mktemp("regression"), "--model.loss.regression", "huber")
     assert cli.model.problem_type == "regression" and cli.model.label_names is None
     gold = np.array([json.loads(line)["label"] for line in Path(pair_files["test"]).read_text().splitlines()])
     score = np.array([p["score"] for p in preds])
