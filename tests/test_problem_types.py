@@ -221,3 +221,13 @@ def test_regression_fit_test_predict_export(tiny_bert, tmp_path_factory):
     pipe = pipeline("text-classification", model=str(out), device="cpu", top_k=None)
     got = pipe([{"text": r["sentence1"], "text_pair": r["sentence2"]} for r in rows])
     assert [s[0]["score"] for s in got] == pytest.approx([p["score"] for p in loaded], abs=1e-5)  # no activation
+
+
+def test_best_threshold_takes_the_middle_of_a_plateau():
+    from taskhead.core.metrics import best_threshold, threshold_curve
+
+    curve = threshold_curve()
+    # positives at 0.9 and 0.85, negatives at 0.3 and 0.1: every threshold in (0.3, 0.85] separates them (F1 1)
+    curve.update(torch.tensor([0.9, 0.85, 0.3, 0.1]), torch.tensor([1, 1, 0, 0]))
+    threshold, f1 = best_threshold(curve)
+    assert f1 == 1.0 and threshold == pytest.approx(0.6)  # 0.35 ... 0.85: the middle
