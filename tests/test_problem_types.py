@@ -187,8 +187,10 @@ def test_multi_label_fit_test_predict_export(tiny_bert, tmp_path_factory):
     out = export_checkpoint(best, tmp_path_factory.mktemp("multi-export") / "export")
     assert json.loads((out / "config.json").read_text())["problem_type"] == "multi_label_classification"
     texts = [json.loads(line)["text"] for line in Path(emotion_files["test"]).read_text().splitlines()][:8]
-    loaded = taskhead.load(out, precision="32-true")(texts)
-    assert [p["labels"] for p in loaded] == [p["labels"] for p in preds[:8]]  # the tuned threshold travels with it
+    predictor = taskhead.load(out, precision="32-true")
+    assert float(predictor.module.decision_threshold) == chosen  # the tuned threshold travels with the export
+    loaded = predictor(texts)
+    assert [p["labels"] for p in loaded] == [p["labels"] for p in preds[:8]]
 
     from transformers import pipeline
 
