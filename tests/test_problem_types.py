@@ -106,6 +106,8 @@ def test_regression_pairs_are_encoded_as_pairs(tiny_bert, tmp_path):
 def test_threshold_and_problem_type_options(tiny_bert):
     with pytest.raises(TaskheadError, match=r"model.threshold must be in \(0, 1\) or auto, got 1.5"):
         ClassificationModule(tiny_bert, label_names=["a", "b"], problem_type="multi_label", threshold=1.5)
+    with pytest.raises(TaskheadError, match="threshold applies to problem_type multi_label only, not single_label"):
+        ClassificationModule(tiny_bert, label_names=["a", "b"], threshold="auto")
     with pytest.raises(TaskheadError, match="loss.regression: mse | huber"):
         ClassificationModule(tiny_bert, problem_type="regression", loss={"name": "focal"})
     module = ClassificationModule(tiny_bert, problem_type="regression", loss={"regression": "huber"})

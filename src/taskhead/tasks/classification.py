@@ -104,6 +104,9 @@ class ClassificationModule(TaskModule):
             n, maps = len(self.label_names), label_maps(self.label_names)
         if threshold != "auto" and not 0.0 < threshold < 1.0:
             raise TaskheadError(f"model.threshold must be in (0, 1) or auto, got {threshold}")
+        if threshold != 0.5 and problem_type != "multi_label":
+            raise TaskheadError(f"model.threshold {threshold}: a decision threshold applies to problem_type multi_label "
+                                f"only, not {problem_type}")
         self.problem_type, self.threshold = problem_type, threshold
         self.head_cfg = as_config(HeadConfig, head)
         self.loss_cfg = as_config(LossConfig, loss) or LossConfig()
