@@ -101,6 +101,12 @@ def test_regression_pairs_are_encoded_as_pairs(tiny_bert, tmp_path):
     assert (batch["inputs"]["token_type_ids"] == 1).any()
     with pytest.raises(TaskheadError, match="regression has no label names"):
         ClassificationDataModule(problem_type="regression", label_names=["a"])
+    no_gold = write_jsonl(tmp_path / "glue_test.jsonl", [{**r, "label": -1} for r in make_pairs(4, 1)])  # GLUE's stsb test
+    dm = ClassificationDataModule(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), problem_type="regression",
+                                  text_field="sentence1", text_pair_field="sentence2", train_file=str(train),
+                                  test_file=str(no_gold))
+    with pytest.warns(UserWarning, match="every score is -1, i.e. no gold scores"):
+        dm.label_names
 
 
 def test_threshold_and_problem_type_options(tiny_bert):

@@ -91,7 +91,8 @@ class ClassificationModule(TaskModule):
             peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
             gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
             max_length: Truncation length for raw-text prediction (linked from ``data.max_length``).
-            num_mistakes: How many of the worst test mistakes ``test`` writes out (most confident; regression: largest errors).
+            num_mistakes: How many of the worst test mistakes ``test`` writes out (the most confident; regression:
+                the largest errors).
         """
         super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
         if problem_type == "regression":
@@ -116,7 +117,8 @@ class ClassificationModule(TaskModule):
                                num_mistakes=num_mistakes)
         # head: null → the backbone's own head, e.g. BERT's pooler + classifier; problem_type goes into its config, so
         # the export's transformers.pipeline applies the same activation (softmax, sigmoid, none)
-        self.build_model(AutoModelForSequenceClassification, self.head_cfg, n, problem_type=HF_PROBLEM_TYPES[problem_type], **maps)
+        self.build_model(AutoModelForSequenceClassification, self.head_cfg, n,
+                         problem_type=HF_PROBLEM_TYPES[problem_type], **maps)
         self.loss_fn, weight = build_loss(self.loss_cfg, label_counts, n, problem_type)
         self.register_buffer("class_weight", weight, persistent=False)
         metrics = {"single_label": lambda: multiclass_metrics(n), "multi_label": lambda: multilabel_metrics(n),
@@ -204,7 +206,8 @@ class ClassificationModule(TaskModule):
             return
         key = "error" if self.problem_type == "regression" else "confidence"
         self.test_artifacts = {"test_mistakes.json": [
-            {"index": idx, "text": text, "gold": g, "pred": p, key: c} for c, idx, text, g, p in self.mistakes.take(self.gather)
+            {"index": idx, "text": text, "gold": g, "pred": p, key: c}
+            for c, idx, text, g, p in self.mistakes.take(self.gather)
         ]}
         if self.problem_type == "single_label":
             self.test_artifacts["confusion_matrix.json"] = {"labels": self.label_names,
@@ -232,5 +235,6 @@ class ClassificationModule(TaskModule):
         if len(pairs) != len(texts):
             raise TaskheadError(f"{len(texts)} texts but {len(pairs)} text_pairs")
         enc = [tokenizer(t, p, truncation=True, max_length=self.max_length) for t, p in zip(texts, pairs)]
-        out = batched_inference(enc, tokenizer, batch_size, lambda inputs, _idx: self._predictions(self(inputs)), self.device)
+        out = batched_inference(enc, tokenizer, batch_size, lambda inputs, _idx: self._predictions(self(inputs)),
+                                self.device)
         return out[0] if single else out

@@ -171,8 +171,8 @@ class ClassificationDataModule(TaskDataModule):
         from taskhead.core.arrow import arrow_column, write_arrow_table
 
         if "label" not in ds.column_names or self.problem_type == "regression":
-            if "label" in ds.column_names and split == "test" and bool(pc.all(pc.equal(arrow_column(ds, "label"), -1)).as_py()):
-                rank_zero_warn(f"[data] test: every score is -1, i.e. no gold scores (as in GLUE's stsb test split): "
+            if split == "test" and "label" in ds.column_names and pc.all(pc.equal(arrow_column(ds, "label"), -1)).as_py():
+                rank_zero_warn("[data] test: every score is -1, i.e. no gold scores (as in GLUE's stsb test split): "
                                "test metrics on it mean nothing; evaluate the validation split or give --data.test_file")
             self.__dict__.setdefault("_label_names", self._known_names())
             return ds
