@@ -219,6 +219,9 @@ def test_regression_fit_test_predict_export(tiny_bert, tmp_path_factory):
     assert metrics["test/spearman"] == pytest.approx(spearmanr(score, gold)[0], abs=1e-4)
     assert metrics["test/rmse"] == pytest.approx(float(np.sqrt(np.mean((score - gold) ** 2))), abs=1e-4)
     assert metrics["test/pearson"] >= 0.5  # the score counts shared words: a tiny model finds some of it
+    mistakes = json.loads((Path(best).parents[1] / "test_mistakes.json").read_text())  # the largest errors first
+    errors = np.abs(score - gold)
+    assert [m["error"] for m in mistakes] == pytest.approx(sorted(errors, reverse=True)[:20], abs=1e-4)
 
     out = export_checkpoint(best, tmp_path_factory.mktemp("regression-export") / "export")
     assert json.loads((out / "config.json").read_text())["problem_type"] == "regression"

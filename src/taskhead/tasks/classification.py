@@ -149,8 +149,9 @@ class ClassificationModule(TaskModule):
         saved = checkpoint.get("hyper_parameters") or {}
         for key, now in (("problem_type", self.problem_type), ("label_names", self.label_names)):
             if key in saved and saved[key] != now:
+                order = ", in the same order" if key == "label_names" else ""
                 raise TaskheadError(f"this checkpoint was trained with {key} {saved[key]} but the model now has {now} "
-                                    f"(from the data or --data.{key}): give the checkpoint's {key}, in the same order")
+                                    f"(from the data or --data.{key}): give the checkpoint's {key}{order}")
         super().on_load_checkpoint(checkpoint)
 
     def _threshold(self) -> float:
@@ -161,17 +162,15 @@ class ClassificationModule(TaskModule):
         labels = batch["labels"]
         self.log_eval_loss(stage, self.loss_fn(logits, labels, self.class_weight), batch["stats"]["samples"])
         if self.problem_type == "regression":
-            pred = logits.squeeze(-1)
+            pred = logits.squeeze(-1)  # (batch,)
             self.metrics[stage].update(pred, labels)
-            errors = (pred - labels).abs()
-            worst = range(len(pred)) if stage == "test" else []
-            gold, pred = labels.tolist(), pred.tolist()
-            for i in worst:
-                self.mistakes.add(float(errors[i]), int(batch["idx"][i]), batch["text"][i], gold[i], pred[i])
+            if stage == "test":  # the largest errors
+                for i, (y, p) in enumerate(zip(labels.tolist(), pred.tolist())):
+                    self.mistakes.add(abs(p - y), int(batch["idx"][i]), batch["text"][i], y, p)
             return
         if self.problem_type == "multi_label":
             probs = torch.sigmoid(logits)  # (batch, num_labels)
-            pred = (probs >= self._threshold()).long()
+            pred = (probs >= self.decision_threshold).long()
             self.metrics[stage].update(pred, labels.long())
             if stage == "val" and self.threshold_curve is not None:
                 self.threshold_curve.update(probs.flatten(), labels.flatten().long())
