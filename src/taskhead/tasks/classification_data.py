@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -19,10 +18,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from taskhead.core.arrow import numpy_column
 from taskhead.core.data import TaskDataModule
+from taskhead.core.losses import ProblemType
 from taskhead.core.readers import get_field, get_text
 from taskhead.errors import TaskheadError
-
-ProblemType = Literal["single_label", "multi_label", "regression"]
 
 
 def label_names_from(values: list) -> list[str]:
