@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,7 +33,7 @@ def test_string_labels_and_sentence_fields(tiny_bert, tmp_path):
     rows = [{"sentence": r["text"], "label": r["label"]} for r in make_reviews(40, 0)]
     train = write_jsonl(tmp_path / "t.jsonl", rows)
     dm = dm_for(tiny_bert, tmp_path, train_file=str(train), text_field="sentence")
-    assert dm.label_names == ["neg", "pos"] and dm.label_counts == [20, 20]
+    assert dm.label_names == ["neg", "pos"] and dm.label_counts == [18, 18]  # the 36 rows left after the hold-out
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 36 and len(dm.datasets["validation"]) == 4  # stratified 10 % hold-out
     assert sorted(dm.datasets["validation"]["label"]) == [0, 0, 1, 1]
@@ -48,7 +49,21 @@ def test_csv_with_sentence_field(tiny_bert, tmp_path):
     csv = tmp_path / "t.csv"
     csv.write_text("sentence,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
     dm = dm_for(tiny_bert, tmp_path, train_file=str(csv), text_field="sentence", label_field="label")
-    assert dm.label_names == ["0", "1"] and dm.label_counts == [15, 15]
+    assert dm.label_names == ["0", "1"] and sum(dm.label_counts) == 27  # 3 of 30 held out for validation
+
+
+def test_label_counts_are_the_training_rows_used(tiny_bert, tmp_path):
+    """``class_weights: balanced`` weighs the labels the model trains on: not the held-out validation rows, not the
+    rows ``max_train_samples`` leaves out (issue 14, bug 4: the counts were taken over the whole training file)."""
+    rows = make_reviews(60, 0)
+    rows = [r for r in rows if r["label"] == "neg"] + [r for r in rows if r["label"] == "pos"][:10]  # 30 neg, 10 pos
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    dm = dm_for(tiny_bert, tmp_path, train_file=str(train), max_train_samples=20)
+    counts = dm.label_counts
+    dm.setup("fit")
+    used = np.bincount(dm.datasets["train"]["label"], minlength=2).tolist()
+    assert sum(used) == 20 and counts == used
+    assert len(dm.datasets["validation"]) == 4  # held out before the subset, as before
 
 
 def test_int_labels_index_label_names(tiny_bert, tmp_path):
@@ -136,6 +151,14 @@ def test_test_writes_metrics_confusion_and_mistakes(fitted):
     mistakes = json.loads((out / "test_mistakes.json").read_text())
     assert len(mistakes) == 64 - correct or len(mistakes) == 20
     assert [m["confidence"] for m in mistakes] == sorted((m["confidence"] for m in mistakes), reverse=True)
+
+
+def test_checkpoint_refuses_reordered_label_names(fitted):
+    """Label ids are positions in label_names: a checkpoint trained on [neg, pos] read with [pos, neg] would swap
+    every prediction, so loading it stops with one line."""
+    _, best, args, _ = fitted
+    with pytest.raises(TaskheadError, match=r"trained with label_names \['neg', 'pos'\] but the model now has \['pos', 'neg'\]"):
+        run_cli(["test", *args, "--ckpt_path", best, "--data.label_names", "[pos, neg]"])
 
 
 def test_predict_export_load_and_pipeline_agree(fitted, tmp_path, review_files):

@@ -78,3 +78,44 @@ def test_loss_config_errors():
         LossConfig(name="focal", label_smoothing=0.1)
     with pytest.raises(TaskheadError, match="3 values for 2 labels"):
         build_loss(LossConfig(class_weights=[1, 2, 3]), None, 2)
+
+
+# ---- multi-label and regression --------------------------------------------------------------------------------------
+
+MULTI_LOGITS = torch.tensor([[2.0, -1.0, 0.3], [-0.5, 1.5, -2.0]])
+MULTI_TARGET = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+
+
+def hand_bce(pos_weight=(1.0, 1.0, 1.0), gamma: float = 0.0, eps: float = 0.0) -> float:
+    total = 0.0
+    for row, target in zip(MULTI_LOGITS.tolist(), MULTI_TARGET.tolist()):
+        for z, y, w in zip(row, target, pos_weight):
+            y = y * (1 - eps) + eps / 2
+            p = 1 / (1 + math.exp(-z))
+            p_t = p * y + (1 - p) * (1 - y)
+            total += (1 - p_t) ** gamma * -(w * y * math.log(p) + (1 - y) * math.log(1 - p))
+    return total / MULTI_TARGET.numel()
+
+
+def test_multi_label_losses_by_hand():
+    fn, w = build_loss(LossConfig(), None, 3, "multi_label")
+    assert w is None and fn(MULTI_LOGITS, MULTI_TARGET, w).item() == pytest.approx(hand_bce(), rel=1e-5)
+    # balanced: pos_weight = negatives / positives per label, from [negatives, positives] counts
+    fn, w = build_loss(LossConfig(class_weights="balanced"), [[30, 10], [5, 5], [8, 2]], 3, "multi_label")
+    assert w.tolist() == [3.0, 1.0, 4.0]
+    assert fn(MULTI_LOGITS, MULTI_TARGET, w).item() == pytest.approx(hand_bce((3.0, 1.0, 4.0)), rel=1e-5)
+    fn, w = build_loss(LossConfig(name="focal", focal_gamma=2.0, class_weights=[1.0, 2.0, 0.5]), None, 3, "multi_label")
+    assert fn(MULTI_LOGITS, MULTI_TARGET, w).item() == pytest.approx(hand_bce((1.0, 2.0, 0.5), gamma=2.0), rel=1e-5)
+    fn, w = build_loss(LossConfig(label_smoothing=0.2), None, 3, "multi_label")
+    assert fn(MULTI_LOGITS, MULTI_TARGET, w).item() == pytest.approx(hand_bce(eps=0.2), rel=1e-5)
+
+
+def test_regression_losses():
+    pred, target = torch.tensor([[0.5], [3.0], [-1.0]]), torch.tensor([1.0, 0.5, -1.0])
+    fn, w = build_loss(LossConfig(), None, 1, "regression")
+    assert w is None and fn(pred, target, w).item() == pytest.approx((0.25 + 6.25 + 0.0) / 3)
+    fn, _ = build_loss(LossConfig(regression="huber", huber_delta=1.0), None, 1, "regression")
+    assert fn(pred, target, None).item() == pytest.approx((0.5 * 0.25 + (2.5 - 0.5) + 0.0) / 3)  # linear beyond delta
+    for bad in (LossConfig(name="focal"), LossConfig(class_weights="balanced"), LossConfig(label_smoothing=0.1)):
+        with pytest.raises(TaskheadError, match="classification options; choose the regression loss"):
+            build_loss(bad, None, 1, "regression")

@@ -145,6 +145,7 @@ class TaskheadCLI(LightningCLI):
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
+        parser.link_arguments("data.init_args.problem_type", "model.init_args.problem_type")  # classification only
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
         parser.link_arguments("data.label_counts", "model.init_args.label_counts", apply_on="instantiate")
 

@@ -164,3 +164,57 @@ class MostConfident:
 
         items, self.items = gather([(c, f) for c, _, f in self.items]), []
         return [(c, *f) for c, f in heapq.nlargest(self.k, items, key=lambda item: item[0])]
+
+
+# ---- multi-label and regression classification -------------------------------------------------------------------------
+
+
+def multilabel_metrics(num_labels: int):
+    """Micro- and macro-F1 plus per-label precision / recall / F1 (torchmetrics ``Multilabel*``). Update them with
+    0/1 predictions (probabilities already thresholded), so the decision threshold can change between passes."""
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MultilabelF1Score, MultilabelPrecision, MultilabelRecall
+
+    return MetricCollection({
+        "f1_micro": MultilabelF1Score(num_labels, average="micro"),
+        "f1_macro": MultilabelF1Score(num_labels, average="macro"),
+        "precision": MultilabelPrecision(num_labels, average=None),
+        "recall": MultilabelRecall(num_labels, average=None),
+        "f1": MultilabelF1Score(num_labels, average=None),
+    })
+
+
+THRESHOLD_GRID = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 ... 0.95
+
+
+def threshold_curve():
+    """Micro-averaged precision/recall of every (row, label) decision at each threshold of ``THRESHOLD_GRID``
+    (torchmetrics' binned curve: memory O(thresholds) whatever the split's size); ``best_threshold`` reads it."""
+    from torchmetrics.classification import BinaryPrecisionRecallCurve
+
+    return BinaryPrecisionRecallCurve(thresholds=THRESHOLD_GRID)
+
+
+def best_threshold(curve) -> tuple[float, float]:
+    """``(threshold, micro-F1 at it)``: the grid threshold with the highest micro-F1. Ties (a plateau, common on a
+    small validation split) go to the middle of the plateau: the threshold furthest from where F1 starts to drop."""
+    precision, recall, thresholds = curve.compute()  # precision/recall: one more entry than thresholds (the end point)
+    p, r = precision[:-1], recall[:-1]
+    f1 = (2 * p * r / (p + r)).nan_to_num(0.0)
+    tied = (f1 == f1.max()).nonzero().flatten()
+    best = int(tied[len(tied) // 2])
+    return float(thresholds[best]), float(f1[best])
+
+
+def regression_metrics():
+    """Pearson and Spearman correlation and RMSE between predicted and gold scores (torchmetrics)."""
+    import warnings
+
+    from torchmetrics import MeanSquaredError, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
+
+    with warnings.catch_warnings():
+        # "will save all targets and predictions": ranks need the whole split, and two floats per example is the
+        # least that can hold it (a million examples: 8 MB); said here once instead of on every run
+        warnings.filterwarnings("ignore", message=".*SpearmanCorrcoef.*will save all targets", category=UserWarning)
+        spearman = SpearmanCorrCoef()
+    return MetricCollection({"pearson": PearsonCorrCoef(), "spearman": spearman, "rmse": MeanSquaredError(squared=False)})
