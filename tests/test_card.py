@@ -312,3 +312,11 @@ def test_ner_export_card(tiny_bert, tmp_path):
     assert results["val/f1"] == ("validation", scores[best.name]), scores
     assert results["test/f1"] == ("test", metrics["test/f1"]) and "test/argmax/f1" not in results
     assert "`B-PER`, `I-PER`" in card.text and 'aggregation_strategy="first"' in card.text
+
+
+@pytest.mark.parametrize("problem_type, shown", [("single_label", '"probabilities"'), ("multi_label", '"labels"'),
+                                                 ("regression", '[{"score"}]')])
+def test_usage_example_follows_the_problem_type(problem_type, shown):
+    facts = {"task": "taskhead.tasks.classification.ClassificationModule", "source": "x",
+             "hparams": {"problem_type": problem_type, "head": None}}
+    assert shown in render_card(facts, "m", "out")

@@ -40,6 +40,8 @@ METRIC_TYPES = {"acc": "accuracy", "accuracy": "accuracy", "em": "exact_match", 
 
 EXAMPLES = {  # how each task's predictor is called on raw input
     "text-classification": 'predictor(["a wonderful film", "dull and far too long"])  # [{"label", "score", "probabilities"}]',
+    ("text-classification", "multi_label"): 'predictor(["a wonderful film"])  # [{"labels": [names above the threshold], "scores": {name: p}}]',
+    ("text-classification", "regression"): 'predictor(["a wonderful film"])  # [{"score"}]',
     "token-classification": 'predictor(["Angela Merkel visited Paris."])  # per text: [{"type", "text", "start", "end", "score"}]',
     "question-answering": 'predictor(question="Who visited Paris?", context="Angela Merkel visited Paris.")  # {"answer", "start", "end", "score"}',
     "multiple-choice": 'predictor(context="She opened the fridge and", choices=["took out the milk.", "flew away."])',
@@ -165,7 +167,8 @@ def _eval_section(facts: dict) -> list[str]:
 
 def _usage_section(facts: dict, location: str, repo_id: str | None) -> list[str]:
     task, _, pipeline = task_kind(facts)
-    example = EXAMPLES.get(task, 'predictor(["Some text to process."])  # generated text')
+    hp = facts.get("hparams", {})
+    example = EXAMPLES.get((task, hp.get("problem_type")), EXAMPLES.get(task, 'predictor(["Some text to process."])  # generated text'))
     lines = ["## How to use", "", "With taskhead:", "", "```python", "import taskhead", ""]
     if repo_id:
         lines += ["from huggingface_hub import snapshot_download", "",
@@ -173,7 +176,6 @@ def _usage_section(facts: dict, location: str, repo_id: str | None) -> list[str]
     else:
         lines.append(f'predictor = taskhead.load("{location}")')
     lines += [example, "```", ""]
-    hp = facts.get("hparams", {})
     if pipeline in ("text-classification", "token-classification"):
         extra = ', aggregation_strategy="first"' if pipeline == "token-classification" else ""
         lines += ["With transformers alone:", "", "```python", "from transformers import pipeline", "",
