@@ -16,7 +16,7 @@ from taskhead.cli import run_cli
 from taskhead.core.export import export_checkpoint
 from taskhead.errors import TaskheadError
 from taskhead.core.metrics import bleu_scores, rouge_scores, split_sentences
-from taskhead.tasks.seq2seq import GeneratedTexts, Seq2SeqModule
+from taskhead.tasks.seq2seq import GeneratedTexts, Seq2SeqModule, synced_gpus
 from taskhead.tasks.seq2seq_data import Seq2SeqDataModule, causal_example, chat_frame, parse_file_spec, read_parallel
 from taskhead.tasks.seq2seq_models import hit_limit
 
@@ -285,6 +285,62 @@ def test_generators_loss_and_generate(kind, tiny_bert, tiny_llama, tmp_path):
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts) and all(0 <= n <= 5 for n in lengths)
     single = m.predict_raw(m.tokenizer, [dm.raw["validation"][1]["source"]])
     assert single == [texts[[int(i) for i in batch["idx"]].index(1)]]  # raw text path == batch path (greedy/beam)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # eval_step outside a Trainer: the loss metric is read here
+def test_eval_loss_is_unsmoothed_token_cross_entropy(tiny_llama, tmp_path):
+    """Training smooths the labels; val/loss is the plain token cross-entropy over every target token of the split
+    (one long target and three one-word targets in two batches: a mean by examples would differ)."""
+    import torch.nn.functional as F
+
+    rows = [{"document": "the cat sat on the mat", "summary": " ".join(WORDS * 2)}] + \
+           [{"document": f"a {w} ran home", "summary": w} for w in ("dog", "bird", "cat")]
+    val = write_jsonl(tmp_path / "v.jsonl", rows)
+    dm = dm_for(tiny_llama, tmp_path, train_file=str(val), validation_file=str(val), architecture="causal", max_length=128,
+                max_target_length=64)
+    dm.setup("fit")
+    feats = sorted((dm.datasets["validation"][i] for i in range(4)), key=lambda f: -len(f["labels"]))
+    batches = [dm.collate(feats[:1]), dm.collate(feats[1:])]
+    m = Seq2SeqModule(tiny_llama, architecture="causal", loss={"label_smoothing": 0.1}, val_generate_samples=0).eval()
+    real_forward = m.forward
+
+    def confident(inputs, labels):  # mostly right and sure of it: smoothing then moves the loss (an untrained model's
+        logits, targets = real_forward(inputs, labels)  # near-uniform logits would hide it)
+        return logits.scatter(-1, targets.clamp(min=0).unsqueeze(-1), 5.0), targets
+
+    m.forward = confident
+    with torch.no_grad():
+        for batch in batches:
+            m.eval_step(batch, "val")
+        logits, targets = zip(*(m._logits(b) for b in batches))
+        smoothed = m.training_loss(batches[0])
+    expected = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=-100)
+    assert float(m.eval_loss["val"].compute()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(smoothed) != pytest.approx(float(F.cross_entropy(logits[0], targets[0], ignore_index=-100)), rel=0.05)
+
+
+@pytest.mark.parametrize("strategy, world_size, zero3, expected", [
+    ("FSDPStrategy", 2, False, True), ("ModelParallelStrategy", 4, False, True), ("DeepSpeedStrategy", 2, True, True),
+    ("DeepSpeedStrategy", 2, False, False), ("DDPStrategy", 2, False, False), ("FSDPStrategy", 1, False, False),
+    ("SingleDeviceStrategy", 1, False, False),
+])
+def test_synced_gpus_only_when_weights_are_sharded_over_ranks(strategy, world_size, zero3, expected):
+    assert synced_gpus(strategy, world_size, zero3) is expected
+
+
+def test_generate_passes_synced_gpus_under_fsdp(tiny_llama, monkeypatch):
+    """Under a sharded strategy every decoding step is a collective: generate must keep finished ranks stepping."""
+    from types import SimpleNamespace
+
+    m = Seq2SeqModule(tiny_llama, architecture="causal", generation={"max_new_tokens": 2})
+    seen = []
+    real = m.model.generate
+    monkeypatch.setattr(m.model, "generate", lambda **kw: seen.append(kw["synced_gpus"]) or real(**{**kw, "synced_gpus": False}))
+    inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    m.generate(inputs)  # no Trainer (predict_raw)
+    m._trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})(), world_size=2)
+    m.generate(inputs)
+    assert seen == [False, True]
 
 
 # ---- end to end through the CLI ---------------------------------------------------------------------------------------
