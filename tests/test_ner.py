@@ -406,7 +406,6 @@ def test_ddp_validation_equals_single_process(tiny_bert, ner_files, tmp_path):
         proc = run_taskhead("validate", *args, timeout=300)  # a collective called by rank 0 alone hangs: fail instead
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = json.loads(next(Path(root / "runs").rglob("metrics.json")).read_text())
-    scores = [k for k in results[1] if k != "val/loss"]  # the loss is a mean of per-rank means; the metric is not
-    assert "val/f1" in scores and "val/viterbi/f1" in scores
-    for key in scores:
-        assert results[2][key] == pytest.approx(results[1][key], abs=1e-9), key
+    assert "val/f1" in results[1] and "val/viterbi/f1" in results[1] and "val/loss" in results[1]
+    for key in results[1]:  # the loss too: a token-weighted mean synced once, not a mean of per-rank means
+        assert results[2][key] == pytest.approx(results[1][key], abs=1e-9 if key != "val/loss" else 1e-6), key

@@ -390,6 +390,30 @@ def test_cli_fit_test_predict_export(arch, tiny_bert, tiny_llama, tiny_chat_llam
     assert taskhead.load(out, precision="32-true")(docs) == preds  # same text, same order as `taskhead predict`
 
 
+@pytest.mark.slow
+def test_ddp_test_and_predict_equal_single_process(tiny_llama, pair_files, tmp_path):
+    """2 CPU processes (gloo): the generations gathered from both ranks (TaskModule.gather), the token-weighted
+    test/loss and the predictions file (RunArtifacts) are those of one process."""
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        root = tmp_path / f"d{devices}"
+        extra = ("--trainer.devices", str(devices), "--trainer.strategy", strategy, "--data.eval_batch_size", "4")
+        proc = run_taskhead("test", *cli(tiny_llama, "causal", {"test": pair_files["test"]}, root, *extra), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = next((root / "runs").rglob("metrics.json")).parent
+        preds = root / "preds.jsonl"
+        proc = run_taskhead("predict", *cli(tiny_llama, "causal", {"predict": pair_files["predict"]}, root, *extra,
+                                            "--artifacts.predictions_file", str(preds)), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = (json.loads((out / "metrics.json").read_text()),
+                            json.loads((out / "test_generations.json").read_text()), preds.read_text())
+    (m1, g1, p1), (m2, g2, p2) = results[1], results[2]
+    assert [g["index"] for g in g2] == list(range(12)) and g2 == g1 and p2 == p1 and len(p1.splitlines()) == 6
+    assert set(m2) == set(m1) and "test/loss" in m1
+    for key, value in m1.items():
+        assert m2[key] == pytest.approx(value, rel=1e-6), key
+
+
 @pytest.mark.parametrize("collapse", ["stub", "zero_lm_head"])
 def test_collapsed_outputs_warn(collapse, tiny_llama, tmp_path, monkeypatch):
     """`taskhead test` without --ckpt_path scores the model as configured (zero-shot) and warns when its outputs collapse:
