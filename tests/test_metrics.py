@@ -62,3 +62,15 @@ def test_most_confident_keeps_the_top_k_of_every_rank():
     other_rank = [(0.95, ("x",)), (0.1, ("y",))]
     assert heap.take(lambda items: items + other_rank) == [(0.95, "x"), (0.9, "b"), (0.9, "d")]
     assert heap.take() == []  # emptied
+
+
+def test_most_confident_add_wrong_keeps_only_wrong_argmaxes():
+    import torch
+
+    from taskhead.core.metrics import MostConfident
+
+    heap = MostConfident(5)
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    pred = heap.add_wrong(probs, torch.tensor([0, 0, 1, 1]), lambda i: (f"row{i}",))
+    assert pred.tolist() == [0, 1, 1, 0]
+    assert heap.take() == [(pytest.approx(0.8), "row1", 0, 1), (pytest.approx(0.6), "row3", 1, 0)]

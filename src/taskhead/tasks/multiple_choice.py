@@ -325,11 +325,9 @@ class MultipleChoiceModule(TaskModule):
         self.log_eval_loss(stage, self.loss_fn(logits, labels, self.class_weight), batch["stats"]["samples"])
         self.metrics[stage].update(logits, labels)
         if stage == "test":
-            conf, pred = logits.softmax(-1).max(-1)
+            pred = self.mistakes.add_wrong(logits.softmax(-1), labels,
+                                           lambda i: (int(batch["idx"][i]), batch["context"][i], batch["choices"][i]))
             self.confusion.update(pred, labels)
-            for i in (pred != labels).nonzero().flatten().tolist():
-                self.mistakes.add(float(conf[i]), int(batch["idx"][i]), batch["context"][i], batch["choices"][i],
-                                  int(labels[i]), int(pred[i]))
 
     def eval_epoch_end(self, stage: str) -> None:
         values = self.metrics[stage].compute()
