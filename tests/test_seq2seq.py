@@ -338,9 +338,19 @@ def test_generate_passes_synced_gpus_under_fsdp(tiny_llama, monkeypatch):
     monkeypatch.setattr(m.model, "generate", lambda **kw: seen.append(kw["synced_gpus"]) or real(**{**kw, "synced_gpus": False}))
     inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     m.generate(inputs)  # no Trainer (predict_raw)
-    m._trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})(), world_size=2)
+    asked = []
+    fsdp = type("FSDPStrategy", (), {"reduce_boolean_decision": lambda self, d, all: asked.append(d) or True})()
+    m._trainer = SimpleNamespace(strategy=fsdp, world_size=2)
     m.generate(inputs)
     assert seen == [False, True]
+    # validation past val_generate_samples: this rank keeps no example, but another rank generates (the "any" is True),
+    # so this rank joins with one row and records nothing
+    batch = {"format": ("causal", "", "\n", False), "inputs": inputs, "labels": torch.tensor([[-100, -100, 7]]),
+             "idx": torch.tensor([9]), "gen_inputs": inputs, "targets": ["x"]}
+    m.val_generate_samples = 5
+    monkeypatch.setattr(m, "log_eval_loss", lambda *a: None)
+    m.eval_step(batch, "val")
+    assert asked == [False] and seen == [False, True, True] and m.texts["val"].rows == []
 
 
 # ---- end to end through the CLI ---------------------------------------------------------------------------------------
