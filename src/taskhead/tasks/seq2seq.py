@@ -42,15 +42,17 @@ from taskhead.tasks.seq2seq_models import (
 # seq2seq_models.py) happens in ``Seq2SeqModule.generate`` below.
 
 # Strategies that shard the weights: every forward all-gathers them, a collective every rank must join.
-SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
+SHARDED_STRATEGIES = {"FSDPStrategy", "ModelParallelStrategy"}
 
 
-def synced_gpus(strategy: str, world_size: int, zero_stage_3: bool = False) -> bool:
-    """``generate(synced_gpus=...)`` for a Lightning strategy (class name): True when the weights are sharded (FSDP,
-    FSDP2, DeepSpeed ZeRO stage 3) over more than one rank. Each decoding step is then a forward of collectives: a rank
-    whose sequences have all ended must keep stepping until every rank's have, or the others hang. Transformers finds
-    this itself only for its own DeepSpeed config or an FSDP-wrapped model, not for Lightning's wrapping."""
-    return world_size > 1 and (strategy in SHARDED_STRATEGIES or (strategy == "DeepSpeedStrategy" and zero_stage_3))
+def synced_gpus(strategy, world_size: int) -> bool:
+    """``generate(synced_gpus=...)`` under a Lightning strategy: True when it shards the weights (FSDP, FSDP2, or
+    DeepSpeed ZeRO stage 3; a subclass counts) over more than one rank. Each decoding step is then a forward of
+    collectives: a rank whose sequences have all ended must keep stepping until every rank's have, or the others
+    hang. Transformers finds this itself only for its own DeepSpeed config or an FSDP-wrapped model, not for
+    Lightning's wrapping (the LightningModule, or its layers)."""
+    sharded = {c.__name__ for c in type(strategy).__mro__} & SHARDED_STRATEGIES or getattr(strategy, "zero_stage_3", False)
+    return world_size > 1 and bool(sharded)
 
 
 # ---- metric: ROUGE / BLEU and the degenerate-output guards (core/metrics.py) over the whole split -----------------
@@ -193,8 +195,7 @@ class Seq2SeqModule(TaskModule):
 
     def _synced_gpus(self) -> bool:
         trainer = self._trainer  # None: predict_raw outside a Trainer
-        return trainer is not None and synced_gpus(type(trainer.strategy).__name__, trainer.world_size,
-                                                   getattr(trainer.strategy, "zero_stage_3", False))
+        return trainer is not None and synced_gpus(trainer.strategy, trainer.world_size)
 
     # ---- evaluation: loss on every token, generation on the (sampled) examples, scores at the end of the split --------
     def eval_step(self, batch: dict, stage: str) -> None:
