@@ -33,3 +33,44 @@ def test_guard_scores_and_warnings():
     # just inside every threshold: no warning
     assert degenerate_warnings({**scores, "distinct_outputs": 0.5, "hit_max_new_tokens": 0.5}, 20, 48, "val") == []
     assert degenerate_warnings({**scores, "hit_max_new_tokens": 0.0}, 19, 48, "val") == []  # too few outputs to judge
+
+
+def test_per_class_recall_is_accuracy_by_gold_position():
+    """Multiple choice logs multiclass_metrics' per-class recall as acc_by_gold: accuracy where the gold is at each
+    position (torchmetrics' per-class accuracy), also for a position that is never gold (0, not NaN)."""
+    import torch
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from taskhead.core.metrics import multiclass_metrics
+
+    preds = torch.tensor([0, 1, 1, 2, 0, 1])
+    gold = torch.tensor([0, 1, 2, 2, 1, 1])  # position 3: never gold
+    metrics = multiclass_metrics(4, per_class=("recall",))
+    metrics.update(torch.nn.functional.one_hot(preds, 4).float(), gold)
+    values = metrics.compute()
+    assert set(values) == {"acc", "f1_macro", "recall"}
+    assert values["recall"].tolist() == pytest.approx([1.0, 2 / 3, 1 / 2, 0.0])
+    assert values["recall"].tolist() == pytest.approx(MulticlassAccuracy(4, average=None)(preds, gold).tolist())
+
+
+def test_most_confident_keeps_the_top_k_of_every_rank():
+    from taskhead.core.metrics import MostConfident
+
+    heap = MostConfident(3)
+    for conf, name in [(0.5, "a"), (0.9, "b"), (0.7, "c"), (0.9, "d"), (0.6, "e")]:
+        heap.add(conf, name)
+    other_rank = [(0.95, ("x",)), (0.1, ("y",))]
+    assert heap.take(lambda items: items + other_rank) == [(0.95, "x"), (0.9, "b"), (0.9, "d")]
+    assert heap.take() == []  # emptied
+
+
+def test_most_confident_add_wrong_keeps_only_wrong_argmaxes():
+    import torch
+
+    from taskhead.core.metrics import MostConfident
+
+    heap = MostConfident(5)
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    pred = heap.add_wrong(probs, torch.tensor([0, 0, 1, 1]), lambda i: (f"row{i}",))
+    assert pred.tolist() == [0, 1, 1, 0]
+    assert heap.take() == [(pytest.approx(0.8), "row1", 0, 1), (pytest.approx(0.6), "row3", 1, 0)]

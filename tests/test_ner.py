@@ -280,6 +280,29 @@ def test_checkpoint_label_order_must_match(tiny_bert):
         module.on_load_checkpoint({"hyper_parameters": {"label_names": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}})
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # eval_step outside a Trainer: the loss metric is read here
+def test_eval_loss_is_the_mean_over_every_counted_token(tiny_bert, tmp_path):
+    """Two batches with very different tokens per sentence (one long sentence; three one-word ones): val/loss is the
+    class-weighted token mean of the whole split, as if computed on all tokens at once, not a mean by sentences."""
+    import torch.nn.functional as F
+
+    long = "\n".join(f"{w} {'B-LOC' if i % 3 == 0 else 'O'}" for i, w in enumerate(["Paris", "the", "visited"] * 10))
+    (tmp_path / "v.conll").write_text(long + "\n\nParis B-LOC\n\nthe O\n\nPeter B-PER\n")
+    dm = dm_for(tiny_bert, tmp_path, validation_file=str(tmp_path / "v.conll"), label_names=NAMES)
+    dm.setup("validate")
+    rows = sorted((dm.datasets["validation"][i] for i in range(4)), key=lambda f: -len(f["tokens"]))
+    batches = [dm.collate(rows[:1]), dm.collate(rows[1:])]
+    weights = [1.0, 3.0, 0.5, 2.0, 1.5]
+    module = NerModule(tiny_bert, label_names=NAMES, loss={"class_weights": weights}).eval()
+    with torch.no_grad():
+        for batch in batches:
+            module.eval_step(batch, "val")
+        logits = torch.cat([module(b["inputs"]).flatten(0, 1) for b in batches])
+    labels = torch.cat([b["labels"].flatten() for b in batches])
+    expected = F.cross_entropy(logits, labels, weight=torch.tensor(weights), ignore_index=-100)
+    assert float(module.eval_loss["val"].compute()) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_cli_bad_tag_exits_nonzero(tiny_bert, tmp_path):
     bad = tmp_path / "bad.conll"
     bad.write_text("EU NNP I-NP I-ORG\n\nPeter NNP I-NP X-PER\n")
@@ -383,7 +406,6 @@ def test_ddp_validation_equals_single_process(tiny_bert, ner_files, tmp_path):
         proc = run_taskhead("validate", *args, timeout=300)  # a collective called by rank 0 alone hangs: fail instead
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = json.loads(next(Path(root / "runs").rglob("metrics.json")).read_text())
-    scores = [k for k in results[1] if k != "val/loss"]  # the loss is a mean of per-rank means; the metric is not
-    assert "val/f1" in scores and "val/viterbi/f1" in scores
-    for key in scores:
-        assert results[2][key] == pytest.approx(results[1][key], abs=1e-9), key
+    assert "val/f1" in results[1] and "val/viterbi/f1" in results[1] and "val/loss" in results[1]
+    for key in results[1]:  # the loss too: a token-weighted mean synced once, not a mean of per-rank means
+        assert results[2][key] == pytest.approx(results[1][key], abs=1e-9 if key != "val/loss" else 1e-6), key

@@ -16,7 +16,7 @@ from taskhead.cli import run_cli
 from taskhead.core.export import export_checkpoint
 from taskhead.errors import TaskheadError
 from taskhead.core.metrics import bleu_scores, rouge_scores, split_sentences
-from taskhead.tasks.seq2seq import GeneratedTexts, Seq2SeqModule
+from taskhead.tasks.seq2seq import GeneratedTexts, Seq2SeqModule, synced_gpus
 from taskhead.tasks.seq2seq_data import Seq2SeqDataModule, causal_example, chat_frame, parse_file_spec, read_parallel
 from taskhead.tasks.seq2seq_models import hit_limit
 
@@ -287,6 +287,80 @@ def test_generators_loss_and_generate(kind, tiny_bert, tiny_llama, tmp_path):
     assert single == [texts[[int(i) for i in batch["idx"]].index(1)]]  # raw text path == batch path (greedy/beam)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # eval_step outside a Trainer: the loss metric is read here
+def test_eval_loss_is_unsmoothed_token_cross_entropy(tiny_llama, tmp_path):
+    """Training smooths the labels; val/loss is the plain token cross-entropy over every target token of the split
+    (one long target and three one-word targets in two batches: a mean by examples would differ)."""
+    import torch.nn.functional as F
+
+    rows = [{"document": "the cat sat on the mat", "summary": " ".join(WORDS * 2)}] + \
+           [{"document": f"a {w} ran home", "summary": w} for w in ("dog", "bird", "cat")]
+    val = write_jsonl(tmp_path / "v.jsonl", rows)
+    dm = dm_for(tiny_llama, tmp_path, train_file=str(val), validation_file=str(val), architecture="causal", max_length=128,
+                max_target_length=64)
+    dm.setup("fit")
+    feats = sorted((dm.datasets["validation"][i] for i in range(4)), key=lambda f: -len(f["labels"]))
+    batches = [dm.collate(feats[:1]), dm.collate(feats[1:])]
+    m = Seq2SeqModule(tiny_llama, architecture="causal", loss={"label_smoothing": 0.1}, val_generate_samples=0).eval()
+    real_forward = m.forward
+
+    def confident(inputs, labels):  # mostly right and sure of it: smoothing then moves the loss (an untrained model's
+        logits, targets = real_forward(inputs, labels)  # near-uniform logits would hide it)
+        return logits.scatter(-1, targets.clamp(min=0).unsqueeze(-1), 5.0), targets
+
+    m.forward = confident
+    with torch.no_grad():
+        for batch in batches:
+            m.eval_step(batch, "val")
+        logits, targets = zip(*(m._logits(b) for b in batches))
+        smoothed = m.training_loss(batches[0])
+    expected = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=-100)
+    assert float(m.eval_loss["val"].compute()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(smoothed) != pytest.approx(float(F.cross_entropy(logits[0], targets[0], ignore_index=-100)), rel=0.05)
+
+
+def test_synced_gpus_only_when_weights_are_sharded_over_ranks():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    class MyFSDP(FSDPStrategy):  # a user's subclass (e.g. to run on CPU) shards all the same
+        pass
+
+    def deepspeed(stage: int):
+        strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # the deepspeed package is not needed to read the stage
+        strategy.config = {"zero_optimization": {"stage": stage}}
+        return strategy
+
+    for strategy in (FSDPStrategy(), MyFSDP(), ModelParallelStrategy(), deepspeed(3)):
+        assert synced_gpus(strategy, 2) and not synced_gpus(strategy, 1), type(strategy).__name__
+    for strategy in (DDPStrategy(), deepspeed(2)):
+        assert not synced_gpus(strategy, 2), type(strategy).__name__
+
+
+def test_generate_passes_synced_gpus_under_fsdp(tiny_llama, monkeypatch):
+    """Under a sharded strategy every decoding step is a collective: generate must keep finished ranks stepping."""
+    from types import SimpleNamespace
+
+    m = Seq2SeqModule(tiny_llama, architecture="causal", generation={"max_new_tokens": 2})
+    seen = []
+    real = m.model.generate
+    monkeypatch.setattr(m.model, "generate", lambda **kw: seen.append(kw["synced_gpus"]) or real(**{**kw, "synced_gpus": False}))
+    inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    m.generate(inputs)  # no Trainer (predict_raw)
+    asked = []
+    fsdp = type("FSDPStrategy", (), {"reduce_boolean_decision": lambda self, d, all: asked.append(d) or True})()
+    m._trainer = SimpleNamespace(strategy=fsdp, world_size=2)
+    m.generate(inputs)
+    assert seen == [False, True]
+    # validation past val_generate_samples: this rank keeps no example, but another rank generates (the "any" is True),
+    # so this rank joins with one row and records nothing
+    batch = {"format": ("causal", "", "\n", False), "inputs": inputs, "labels": torch.tensor([[-100, -100, 7]]),
+             "idx": torch.tensor([9]), "gen_inputs": inputs, "targets": ["x"]}
+    m.val_generate_samples = 5
+    monkeypatch.setattr(m, "log_eval_loss", lambda *a: None)
+    m.eval_step(batch, "val")
+    assert asked == [False] and seen == [False, True, True] and m.texts["val"].rows == []
+
+
 # ---- end to end through the CLI ---------------------------------------------------------------------------------------
 
 
@@ -332,6 +406,55 @@ def test_cli_fit_test_predict_export(arch, tiny_bert, tiny_llama, tiny_chat_llam
     assert gen_cfg["num_beams"] == 2 and gen_cfg["max_new_tokens"] == 6
     docs = [json.loads(line)["document"] for line in Path(pair_files["predict"]).read_text().splitlines()]
     assert taskhead.load(out, precision="32-true")(docs) == preds  # same text, same order as `taskhead predict`
+
+
+@pytest.mark.slow
+def test_ddp_test_and_predict_equal_single_process(tiny_llama, pair_files, tmp_path):
+    """2 CPU processes (gloo): the generations gathered from both ranks (TaskModule.gather), the token-weighted
+    test/loss and the predictions file (RunArtifacts) are those of one process."""
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        root = tmp_path / f"d{devices}"
+        extra = ("--trainer.devices", str(devices), "--trainer.strategy", strategy, "--data.eval_batch_size", "4")
+        proc = run_taskhead("test", *cli(tiny_llama, "causal", {"test": pair_files["test"]}, root, *extra), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = next((root / "runs").rglob("metrics.json")).parent
+        preds = root / "preds.jsonl"
+        proc = run_taskhead("predict", *cli(tiny_llama, "causal", {"predict": pair_files["predict"]}, root, *extra,
+                                            "--artifacts.predictions_file", str(preds)), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = (json.loads((out / "metrics.json").read_text()),
+                            json.loads((out / "test_generations.json").read_text()), preds.read_text())
+    (m1, g1, p1), (m2, g2, p2) = results[1], results[2]
+    assert [g["index"] for g in g2] == list(range(12)) and g2 == g1 and p2 == p1 and len(p1.splitlines()) == 6
+    assert set(m2) == set(m1) and "test/loss" in m1
+    for key, value in m1.items():
+        assert m2[key] == pytest.approx(value, rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_fsdp2_generation_with_ranks_finishing_at_different_steps(tiny_llama, tmp_path):
+    """FSDP2 on 2 CPU ranks (gloo), every decoder layer sharded: rank 0 generates 2 tokens a sequence, rank 1 8. Each
+    decoding step all-gathers the layers' weights, so rank 1's third step waits for a rank 0 that has stopped: without
+    synced_gpus this run hangs (measured: still hung after 10 minutes, deaf to SIGTERM); with it both finish."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    test = write_jsonl(tmp_path / "test.jsonl", [{"document": f"the {w} sat on a mat", "summary": f"{w} sat"}
+                                                 for w in ("cat", "dog", "bird", "red")])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fsdp_generate.py"), tiny_llama, str(test), str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's second rank too
+        proc.communicate()
+        pytest.fail("FSDP generation hung: the ranks' decoding steps went out of step (synced_gpus?)")
+    assert proc.returncode == 0, err[-3000:]
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["test/gen_len"] == 5.0  # (2 + 2 + 8 + 8) / 4: each rank generated its own length
 
 
 @pytest.mark.parametrize("collapse", ["stub", "zero_lm_head"])

@@ -264,11 +264,7 @@ class RunArtifacts(BasePredictionWriter):
             self._write_metrics(trainer, "val/", {})
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        rows = [row for batch in predictions for row in batch]
-        if trainer.world_size > 1:
-            gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
+        rows = pl_module.gather([row for batch in predictions for row in batch])  # every rank's (TaskModule.gather)
         if not trainer.is_global_zero:
             return
         rows.sort(key=lambda r: r["idx"])

@@ -159,6 +159,14 @@ class MostConfident:
         if len(self.items) > self.k:
             heapq.heappop(self.items)
 
+    def add_wrong(self, probs, labels, fields):
+        """(batch, N) probabilities and (batch,) gold ids: every row whose argmax is wrong is added as
+        ``(confidence, *fields(row), gold, pred)``. Returns the argmax ids (for a confusion matrix)."""
+        conf, pred = probs.max(-1)
+        for i in (pred != labels).nonzero().flatten().tolist():
+            self.add(float(conf[i]), *fields(i), int(labels[i]), int(pred[i]))
+        return pred
+
     def take(self, gather=list) -> list[tuple]:
         import heapq
 

@@ -7,17 +7,16 @@ encoded with the context truncated first, padded per batch to ``(batch, num_choi
 
 from __future__ import annotations
 
-import heapq
 from collections import Counter
 
 import torch
 from transformers import AutoModelForMultipleChoice
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from taskhead.core.data import TaskDataModule
 from taskhead.core.heads import HeadConfig, pool
 from taskhead.core.losses import LossConfig
+from taskhead.core.metrics import MostConfident, flatten_metrics, multiclass_metrics
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
 from taskhead.core.peft import PeftConfig
@@ -228,28 +227,7 @@ def raw_items(items, context, choices) -> tuple[list[tuple[str, list[str]]], boo
     return out, single
 
 
-# ---- metric ---------------------------------------------------------------------------------------------------------
-
-
-def build_metrics(num_choices: int) -> MetricCollection:
-    """Accuracy, and accuracy split by gold position (= per-class recall); states sum over batches and ranks."""
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_choices, average="micro"),
-            "acc_by_gold": MulticlassAccuracy(num_choices, average=None),
-        }
-    )
-
-
-def flatten_metrics(stage: str, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Scalars as ``stage/name``; per-position vectors as ``stage/name/<position>``."""
-    flat = {}
-    for name, v in values.items():
-        if v.ndim == 0:
-            flat[f"{stage}/{name}"] = float(v)
-        else:
-            flat.update({f"{stage}/{name}/{i}": float(x) for i, x in enumerate(v)})
-    return flat
+# ---- metric: accuracy and per-gold-position accuracy (core/metrics.py's multiclass_metrics) ---------------------------
 
 
 def position_report(confusion: list[list[int]]) -> list[dict]:
@@ -313,10 +291,10 @@ class MultipleChoiceModule(TaskModule):
         # head: null → the backbone's own head, e.g. BERT's pooler + dropout + Linear(hidden, 1); else ours per choice
         self.build_model(AutoModelForMultipleChoice, self.head_cfg, 1)
         self.set_loss(self.loss_cfg, None, num_choices)
-        self.val_metrics = build_metrics(num_choices)
-        self.test_metrics = build_metrics(num_choices)
+        # per-class recall over gold positions = accuracy when the gold is at that position (logged as acc_by_gold)
+        self.metrics = torch.nn.ModuleDict({s: multiclass_metrics(num_choices, per_class=("recall",)) for s in ("val", "test")})
         self.confusion = MulticlassConfusionMatrix(num_choices)
-        self.mistakes: list[tuple] = []
+        self.mistakes = MostConfident(num_mistakes)
         self.test_artifacts: dict = {}
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -341,49 +319,32 @@ class MultipleChoiceModule(TaskModule):
     def training_loss(self, batch: dict) -> torch.Tensor:
         return self.loss_fn(self._scores(batch), batch["labels"], self.class_weight)
 
-    def _eval_step(self, batch: dict, stage: str, metrics: MetricCollection) -> torch.Tensor:
+    def eval_step(self, batch: dict, stage: str) -> None:
         logits = self._scores(batch).float()
-        loss = self.loss_fn(logits, batch["labels"], self.class_weight)
-        self.log_eval_loss(stage, loss, batch["stats"]["samples"])
-        metrics.update(logits, batch["labels"])
-        return logits
+        labels = batch["labels"]
+        self.log_eval_loss(stage, self.loss_fn(logits, labels, self.class_weight), batch["stats"]["samples"])
+        self.metrics[stage].update(logits, labels)
+        if stage == "test":
+            pred = self.mistakes.add_wrong(logits.softmax(-1), labels,
+                                           lambda i: (int(batch["idx"][i]), batch["context"][i], batch["choices"][i]))
+            self.confusion.update(pred, labels)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(flatten_metrics("val", self.val_metrics.compute()))
-        self.val_metrics.reset()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        probs = self._eval_step(batch, "test", self.test_metrics).softmax(-1)
-        conf, pred = probs.max(-1)
-        self.confusion.update(pred, batch["labels"])
-        for i in (pred != batch["labels"]).nonzero().flatten().tolist():  # a bounded heap of confident mistakes
-            item = (float(conf[i]), int(batch["idx"][i]), batch["context"][i], batch["choices"][i],
-                    int(batch["labels"][i]), int(pred[i]))
-            heapq.heappush(self.mistakes, item)
-            if len(self.mistakes) > self.num_mistakes:
-                heapq.heappop(self.mistakes)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(flatten_metrics("test", self.test_metrics.compute()))
-        self.test_metrics.reset()
-        mistakes = self.mistakes
-        if self.trainer.world_size > 1:
-            parts: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(parts, mistakes)
-            mistakes = [m for part in parts for m in part]
+    def eval_epoch_end(self, stage: str) -> None:
+        values = self.metrics[stage].compute()
+        values["acc_by_gold"] = values.pop("recall")
+        self.log_dict(flatten_metrics(stage, values, [str(i) for i in range(self.num_choices)]))
+        self.metrics[stage].reset()
+        if stage != "test":
+            return
         confusion = self.confusion.compute().tolist()
         self.test_artifacts = {
             "choice_positions.json": {"positions": position_report(confusion), "rows_gold_cols_pred": confusion},
             "test_mistakes.json": [
                 {"index": idx, "context": ctx, "choices": chs, "gold": g, "pred": p, "confidence": c}
-                for c, idx, ctx, chs, g, p in heapq.nlargest(self.num_mistakes, mistakes)
+                for c, idx, ctx, chs, g, p in self.mistakes.take(self.gather)
             ],
         }
         self.confusion.reset()
-        self.mistakes = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         preds = to_predictions(self(batch["inputs"]).float().softmax(-1), batch["choices"])

@@ -21,7 +21,7 @@ from transformers import AutoModelForTokenClassification
 from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
 from taskhead.core.heads import HeadConfig
-from taskhead.core.losses import LossConfig
+from taskhead.core.losses import IGNORE_INDEX, LossConfig
 from taskhead.core.module import TaskModule, as_config, label_maps
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
 from taskhead.core.peft import PeftConfig
@@ -327,21 +327,22 @@ class NerModule(TaskModule):
         return self._loss(self(batch["inputs"]), batch["labels"])
 
     # -- evaluation: accumulate word-level tags, score at epoch end ---------------------------------------------------
-    def _eval_step(self, batch: dict, stage: str) -> None:
+    def eval_step(self, batch: dict, stage: str) -> None:
         logits = self(batch["inputs"])
-        self.log_eval_loss(stage, self._loss(logits, batch["labels"]), batch["stats"]["samples"])
+        labels = batch["labels"]
+        # the loss is a mean over counted sub-tokens (weighted by class weight, as the losses normalise): weigh the
+        # batch by that denominator, so val/loss is the mean over every counted token of the split
+        counted = labels != IGNORE_INDEX
+        weight = self.class_weight[labels[counted]].sum() if self.class_weight is not None else counted.sum()
+        self.log_eval_loss(stage, self._loss(logits, labels), weight)
         scores = word_scores(logits, batch["word_starts"], self.o_id)
         preds = {how: decode(scores, batch["n_words"], how, self.label_names)[0] for how in DECODINGS}
         keep_tokens = stage == "test"
         for i, idx in enumerate(batch["idx"].tolist()):
             self.records.append((idx, batch["tags"][i], {h: p[i] for h, p in preds.items()}, batch["tokens"][i] if keep_tokens else None))
 
-    def _epoch_end(self, stage: str) -> None:
-        records, self.records = self.records, []
-        if self.trainer.world_size > 1:  # each rank saw different sentences (none twice): gather them all
-            parts: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(parts, records)
-            records = [r for part in parts for r in part]
+    def eval_epoch_end(self, stage: str) -> None:
+        records, self.records = self.gather(self.records), []  # each rank saw different sentences (none twice)
         records.sort(key=lambda r: r[0])
         names = self.label_names
         gold = [[names[t] for t in r[1]] for r in records]
@@ -359,18 +360,6 @@ class NerModule(TaskModule):
                 "ner_report.json": {"decoding": self.decoding, "sentences": len(records), **results},
                 "test_errors.json": errors[: self.num_errors],
             }
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_end("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_end("test")
 
     # -- prediction --------------------------------------------------------------------------------------------------
     def _entities(self, logits, word_starts, n_words, texts, offsets) -> list[dict]:

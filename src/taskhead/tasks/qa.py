@@ -229,7 +229,7 @@ class QAModule(TaskModule):
                 for i, (f, o) in enumerate(zip(first, offsets))]
 
     # ---- evaluation: stream n-best candidates per question, score at epoch end -----------------------------------------
-    def _eval_step(self, batch: dict, stage: str) -> None:
+    def eval_step(self, batch: dict, stage: str) -> None:
         start, end = self(batch["inputs"])
         if "start_positions" in batch:
             self.log_eval_loss(stage, self.span_loss(start, end, batch), batch["stats"]["samples"])
@@ -239,34 +239,20 @@ class QAModule(TaskModule):
                                                     "context": batch["context"][w], "gold": batch["answers"][w], "cands": []})
             ex["cands"] = merge_candidates(ex["cands"] + cands, self.n_best)  # never more than n_best per question
 
-    def _finish(self, stage: str) -> tuple[dict[str, float], list[dict]]:
-        stream, self.streams[stage] = self.streams[stage], {}
-        if self.trainer.world_size > 1:  # windows of one question may sit on different ranks
-            parts: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(parts, stream)
-            stream = {}
-            for part in parts:
-                for idx, ex in part.items():
-                    if idx in stream:
-                        ex = {**ex, "cands": merge_candidates(stream[idx]["cands"] + ex["cands"], self.n_best)}
-                    stream[idx] = ex
+    def eval_epoch_end(self, stage: str) -> None:
+        merged: dict[int, dict] = {}
+        # windows of one question may sit on different ranks: merge their candidates
+        for idx, ex in self.gather(list(self.streams[stage].items())):
+            if idx in merged:
+                ex = {**ex, "cands": merge_candidates(merged[idx]["cands"] + ex["cands"], self.n_best)}
+            merged[idx] = ex
+        self.streams[stage] = {}
         rows = [{"id": ex["id"], "question": ex["question"], "gold": ex["gold"], **best_answer(ex["cands"], ex["context"], self.n_best)}
-                for _, ex in sorted(stream.items())]
+                for _, ex in sorted(merged.items())]
         scores = squad_scores({r["id"]: r["answer"] for r in rows}, {r["id"]: r["gold"] for r in rows})
         self.log_dict({f"{stage}/{k}": v for k, v in scores.items()})
-        return scores, rows
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        _, rows = self._finish("test")
+        if stage != "test":
+            return
         wrong = [r for r in rows if max(exact_match(r["answer"], g) for g in r["gold"]) == 0]
         wrong = heapq.nlargest(self.num_mistakes, wrong, key=lambda r: r["score"])
         self.test_artifacts = {

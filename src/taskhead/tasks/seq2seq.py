@@ -13,10 +13,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from taskhead.core.export import batched_inference
-from taskhead.core.losses import LossConfig, build_loss
+from taskhead.core.losses import IGNORE_INDEX, LossConfig, build_loss
 from taskhead.core.metrics import bleu_scores, degenerate_warnings, guard_scores, rouge_scores
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
@@ -40,6 +41,19 @@ from taskhead.tasks.seq2seq_models import (
 # ---- post-processing: generate() output → text (``strip_generated``, ``hit_limit``, ``token_lengths`` in
 # seq2seq_models.py) happens in ``Seq2SeqModule.generate`` below.
 
+# Strategies that shard the weights: every forward all-gathers them, a collective every rank must join.
+SHARDED_STRATEGIES = {"FSDPStrategy", "ModelParallelStrategy"}
+
+
+def synced_gpus(strategy, world_size: int) -> bool:
+    """``generate(synced_gpus=...)`` under a Lightning strategy: True when it shards the weights (FSDP, FSDP2, or
+    DeepSpeed ZeRO stage 3; a subclass counts) over more than one rank. Each decoding step is then a forward of
+    collectives: a rank whose sequences have all ended must keep stepping until every rank's have, or the others
+    hang. Transformers finds this itself only for its own DeepSpeed config or an FSDP-wrapped model, not for
+    Lightning's wrapping (the LightningModule, or its layers)."""
+    sharded = {c.__name__ for c in type(strategy).__mro__} & SHARDED_STRATEGIES or getattr(strategy, "zero_stage_3", False)
+    return world_size > 1 and bool(sharded)
+
 
 # ---- metric: ROUGE / BLEU and the degenerate-output guards (core/metrics.py) over the whole split -----------------
 
@@ -57,17 +71,9 @@ class GeneratedTexts:
     def update(self, idx: list[int], predictions: list[str], references: list[str], lengths: list[int], hit: list[bool]) -> None:
         self.rows += list(zip(idx, predictions, references, lengths, hit, strict=True))
 
-    def gather(self) -> list[tuple]:
-        rows = self.rows
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            parts: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, rows)
-            rows = [r for part in parts for r in part]
-        return sorted(rows)
-
-    def compute(self) -> tuple[dict[str, float | str], list[tuple]]:
-        rows = self.gather()
-        self.rows = []
+    def compute(self, gather=list) -> tuple[dict[str, float | str], list[tuple]]:
+        """``gather``: ``TaskModule.gather`` (every rank's rows); the rows come back ordered by example index."""
+        rows, self.rows = sorted(gather(self.rows)), []
         if not rows:
             return {}, rows
         preds, refs = [r[1] for r in rows], [r[2] for r in rows]
@@ -163,22 +169,23 @@ class Seq2SeqModule(TaskModule):
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)  # shift right, -100 → pad
         return self.model(**inputs, decoder_input_ids=decoder_input_ids).logits, labels
 
-    def _loss(self, batch: dict) -> torch.Tensor:
+    def _logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (logits (batch * T, vocab), targets (batch * T,)), -100 where no token is predicted."""
         fmt = (self.architecture, self.source_prefix, self.separator, self.chat_template)
         if batch["format"] != fmt:
             raise TaskheadError(f"data (architecture, source_prefix, separator, chat_template) = {batch['format']} differ "
                                 f"from the model's {fmt}: set both to the same values")
         logits, targets = self(batch["inputs"], batch["labels"])
-        return self.loss_fn(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), None)
+        return logits.flatten(0, 1), targets.flatten()
 
     def training_loss(self, batch: dict) -> torch.Tensor:
-        return self._loss(batch)
+        return self.loss_fn(*self._logits(batch), None)  # with model.loss.label_smoothing
 
     # ---- generation -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, inputs: dict[str, torch.Tensor]) -> tuple[list[str], list[int], list[bool]]:
         """Padded inputs (left-padded prompts for a decoder-only LM) → (texts, generated token counts, hit-limit flags)."""
-        out = self.model.generate(**inputs, generation_config=self.gen_config)
+        out = self.model.generate(**inputs, generation_config=self.gen_config, synced_gpus=self._synced_gpus())
         new = strip_generated(out, inputs["input_ids"].shape[1], self.architecture)
         eos = eos_ids(self.gen_config)
         # WordPiece decodes "uk ' s" / "end ." unless cleaned; byte-level BPE decodes exactly and must not be touched
@@ -186,24 +193,45 @@ class Seq2SeqModule(TaskModule):
         texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=wordpiece)]
         return texts, token_lengths(new, eos, self.gen_config.pad_token_id), hit_limit(new, eos, self.gen_config.max_new_tokens)
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
-        self.log_eval_loss(stage, self._loss(batch), batch["stats"]["samples"])
+    def _synced_gpus(self) -> bool:
+        trainer = self._trainer  # None: predict_raw outside a Trainer
+        return trainer is not None and synced_gpus(trainer.strategy, trainer.world_size)
+
+    # ---- evaluation: loss on every token, generation on the (sampled) examples, scores at the end of the split --------
+    def eval_step(self, batch: dict, stage: str) -> None:
+        logits, targets = self._logits(batch)
+        # plain token cross-entropy, without label smoothing (a smoothed loss is no log-likelihood and moves with the
+        # smoothing), a mean over the split's target tokens: weigh each batch by its counted tokens
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+        self.log_eval_loss(stage, loss, (targets != IGNORE_INDEX).sum())
         keep = list(range(len(batch["idx"])))
         if stage == "val" and self.val_generate_samples is not None:
             keep = [i for i in keep if int(batch["idx"][i]) < self.val_generate_samples]
-        if not keep:
+        wanted = bool(keep)
+        if self._synced_gpus():  # every rank joins a generate call any rank makes: one row, unused, where it keeps none
+            wanted = self.trainer.strategy.reduce_boolean_decision(wanted, all=False)
+        if not wanted:
             return
-        inputs = {k: v[keep] for k, v in batch["gen_inputs"].items()}
-        texts, lengths, hit = self.generate(inputs)
-        self.texts[stage].update([int(batch["idx"][i]) for i in keep], texts, [batch["targets"][i] for i in keep], lengths, hit)
+        texts, lengths, hit = self.generate({k: v[keep or [0]] for k, v in batch["gen_inputs"].items()})
+        if keep:
+            self.texts[stage].update([int(batch["idx"][i]) for i in keep], texts, [batch["targets"][i] for i in keep], lengths, hit)
 
-    def _eval_epoch_end(self, stage: str) -> tuple[dict, list[tuple]]:
-        scores, rows = self.texts[stage].compute()
+    def eval_epoch_end(self, stage: str) -> None:
+        scores, rows = self.texts[stage].compute(self.gather)
+        if stage == "test":
+            self.test_artifacts = {
+                "test_scores.json": {**scores, "examples": len(rows), "weights": self.weights,
+                                     "generation": self.gen_config.to_diff_dict()},
+                "test_generations.json": [
+                    {"index": i, "prediction": p, "reference": r, "generated_tokens": n, "hit_max_new_tokens": h}
+                    for i, p, r, n, h in rows
+                ],
+            }
         if not rows:
             if stage == "val" and self.val_generate_samples is not None:  # e.g. trainer.limit_val_batches cut them off
                 rank_zero_warn(f"[generate] val: no example with index < val_generate_samples={self.val_generate_samples} "
                                "was seen: no val generation metrics this epoch")
-            return scores, rows
+            return
         rank_zero_info(f"[generate] {stage}: {len(rows):,} outputs, {scores['distinct_outputs']:.1%} distinct, "
                        f"{scores['repeated_4grams']:.1%} repeated 4-grams within outputs, {scores['hit_max_new_tokens']:.1%} "
                        f"hit max_new_tokens={self.gen_config.max_new_tokens} (weights: {self.weights})")
@@ -213,7 +241,6 @@ class Seq2SeqModule(TaskModule):
         for k, v in scores.items():
             if isinstance(v, str):
                 rank_zero_info(f"[{stage}] sacreBLEU {k}: {v}")
-        return scores, rows
 
     def on_fit_start(self) -> None:
         self.weights = "trained"
@@ -232,26 +259,6 @@ class Seq2SeqModule(TaskModule):
 
     def on_validation_start(self) -> None:
         self._say_zero_shot("val")  # during fit the weights are "trained" already (on_fit_start runs first)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        scores, rows = self._eval_epoch_end("test")
-        self.test_artifacts = {
-            "test_scores.json": {**scores, "examples": len(rows), "weights": self.weights,
-                                 "generation": self.gen_config.to_diff_dict()},
-            "test_generations.json": [
-                {"index": i, "prediction": p, "reference": r, "generated_tokens": n, "hit_max_new_tokens": h}
-                for i, p, r, n, h in rows
-            ],
-        }
 
     # ---- predict ------------------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
