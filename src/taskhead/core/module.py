@@ -169,12 +169,30 @@ class TaskModule(L.LightningModule):
         if self._rng_to_restore is not None:
             self._restore_rng()
         frozen = self.global_step < self.optim_cfg.freeze_backbone_steps
-        if frozen != self._frozen:  # flip requires_grad only when the phase changes
-            for p in self.tuned_backbone():
-                p.requires_grad_(not frozen)
+        if frozen != self._frozen:  # act only when the phase changes
+            if not self.freeze_by_dropping_grads():
+                for p in self.tuned_backbone():
+                    p.requires_grad_(not frozen)
             self._frozen = frozen
             if self.global_step > 0 or frozen:
                 self.print(f"[optim] step {self.global_step}: backbone {'frozen' if frozen else 'unfrozen'}")
+
+    def freeze_by_dropping_grads(self) -> bool:
+        """How ``freeze_backbone_steps`` freezes. A distributed wrapper (DDP, FSDP) registers its gradient hooks on the
+        parameters that require gradients when it wraps the model; flipping ``requires_grad`` afterwards breaks its
+        reduction ("parameters that were not used in producing the loss"). So with more than one process the backbone
+        keeps ``requires_grad`` and its gradients are dropped before each frozen optimiser step: AdamW skips a weight
+        without a gradient (no update, no moments, no decay, no step count), the same update as a freeze. One process
+        flips ``requires_grad``, which also saves the backbone's backward (tests/test_ddp_freeze.py: bit-identical)."""
+        trainer = self._trainer
+        return trainer is not None and trainer.world_size > 1
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this after backward (and the DDP all-reduce) and before clipping: a dropped gradient counts
+        # in neither the clipping norm nor the step, as under requires_grad=False
+        if self._frozen and self.freeze_by_dropping_grads():
+            for p in self.tuned_backbone():
+                p.grad = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self.training_loss(batch)
