@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from taskhead.core.card import run_facts, write_card
 from taskhead.core.pretrained import hub_offline
-from taskhead.core.module import EXPORT_CONFIG, HEAD_WEIGHTS
+from taskhead.core.module import EXPORT_CONFIG, HEAD_WEIGHTS, checkpoint_source
 from taskhead.core.pretrained import load_tokenizer
 from taskhead.errors import TaskheadError
 
@@ -115,12 +115,14 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: s
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the pretrained load's "newly initialised head" report is moot: the checkpoint follows
     try:
-        module = import_object(task)(**hparams)
+        with checkpoint_source(ckpt):  # a full fine-tune: built from the checkpoint's config and tokenizer alone
+            module = import_object(task)(**hparams)
+            tokenizer = load_tokenizer(module.model_name_or_path)
     finally:
         hf_logging.set_verbosity(verbosity)
     module.complete_state_dict(ckpt)  # a LoRA checkpoint holds only the trained weights: the base comes from its source
     module.load_state_dict(ckpt["state_dict"])
-    out = module.export(out_dir, load_tokenizer(module.model_name_or_path), merge=merge)
+    out = module.export(out_dir, tokenizer, merge=merge)
     facts = run_facts(ckpt_path, ckpt)
     facts["adapter"] = json.loads((out / EXPORT_CONFIG).read_text()).get("adapter", False)
     del ckpt  # optimizer states can be twice the model: free them before an upload
