@@ -18,6 +18,7 @@ from taskhead.cli import run_cli
 from taskhead.core.export import export_checkpoint
 
 from conftest import cli_args, run_taskhead
+from test_seq2seq import cli, pair_files, tiny_llama  # noqa: F401 (the seq2seq suite's fixtures: a Llama with an LM head)
 
 TEXTS = ["a wonderful superb film", "dull and awful plot", "the story was quite moving"]
 
@@ -61,7 +62,7 @@ def test_a_model_built_for_a_checkpoint_reads_no_pretrained_weights(tiny_bert, r
     for the model, so its weights are read once (from the checkpoint), and a deleted base directory does not matter."""
     from transformers import PreTrainedModel
 
-    from taskhead.core.module import checkpoint_source
+    from taskhead.core.export import checkpoint_source
     from taskhead.tasks.classification import ClassificationModule
 
     cli = run_cli(["fit", *cli_args(tiny_bert, {"train": review_files["train"]}, tmp_path, "--trainer.max_steps", "1")])
@@ -75,3 +76,25 @@ def test_a_model_built_for_a_checkpoint_reads_no_pretrained_weights(tiny_bert, r
     module.load_state_dict(ckpt["state_dict"])
     for name, value in cli.model.state_dict().items():
         assert torch.equal(module.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "causal"])
+def test_seq2seq_export_and_test_without_the_base_model(arch, request, pair_files, tmp_path):
+    """Seq2seq builds its own generator (tasks/seq2seq_models.py) through the same loaders: BERT2BERT (stored as an
+    EncoderDecoderModel config) and a decoder-only model with its generation config."""
+    source = request.getfixturevalue({"encoder_decoder": "tiny_bert", "causal": "tiny_llama"}[arch])
+    base = tmp_path / "base-model"
+    shutil.copytree(source, base)
+    fit = run_cli(["fit", *cli(str(base), arch, {"train": pair_files["train"]}, tmp_path)])
+    ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    before = export_checkpoint(ckpt, tmp_path / "export-before")
+    docs = [json.loads(line)["document"] for line in Path(pair_files["predict"]).read_text().splitlines()]
+    expected = taskhead.load(before, precision="32-true")(docs)
+
+    shutil.rmtree(base)
+    after = export_checkpoint(ckpt, tmp_path / "export-after")
+    assert taskhead.load(after, precision="32-true")(docs) == expected
+    assert json.loads((after / "generation_config.json").read_text()) == json.loads((before / "generation_config.json").read_text())
+    proc = run_taskhead("test", "--ckpt_path", str(ckpt), "--data.test_file", pair_files["test"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "newly initialised" not in proc.stderr + proc.stdout

@@ -34,7 +34,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from taskhead.core.callbacks import (AtomicCheckpointIO, LastCheckpoint, RunArtifacts, RunManifest, Throughput,
                                      ValidateAtMaxSteps, sha256_file)
 from taskhead.core.data import TaskDataModule
-from taskhead.core.module import TaskModule, checkpoint_source
+from taskhead.core.export import checkpoint_source
+from taskhead.core.module import TaskModule
 from taskhead.core.precision import bf16_warning, choose_precision
 from taskhead.core.progress import GracefulStop, LineProgress, RunSummary
 from taskhead.errors import TaskheadError

@@ -8,9 +8,10 @@ its base model (``source`` in taskhead.json) and the adapter's weights are loade
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from taskhead.core.card import run_facts, write_card
 from taskhead.core.pretrained import hub_offline
-from taskhead.core.module import EXPORT_CONFIG, HEAD_WEIGHTS, checkpoint_source
-from taskhead.core.pretrained import load_tokenizer
+from taskhead.core.module import EXPORT_CONFIG, HEAD_WEIGHTS
+from taskhead.core.pretrained import load_tokenizer, stored_source
 from taskhead.errors import TaskheadError
 
 
@@ -87,6 +88,22 @@ def load_adapter(module, path: Path) -> None:
         raise TaskheadError(f"{weights}: adapter weights do not match the model (unexpected {result.unexpected_keys[:5]}, "
                             f"missing {missing[:5]})")
     module.model.eval()
+
+
+@contextlib.contextmanager
+def checkpoint_source(checkpoint: dict[str, Any]) -> Iterator[None]:
+    """Build the module for ``checkpoint`` inside this: a full fine-tune's checkpoint holds its model's config and
+    tokenizer (``TaskModule.source_files``), so the module is built from them, without the pretrained weights (nor
+    their Hub, directory or package), and the checkpoint's weights are loaded next. A LoRA checkpoint holds only
+    adapters, so it needs its base model (by design), as do checkpoints written before the source was stored."""
+    state = checkpoint.get("taskhead") or {}
+    source = state.get("source")
+    if source is None or state.get("base_model") is not None:
+        yield
+        return
+    names = {source["model_name_or_path"], (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path")}
+    with stored_source([n for n in names if n], source["files"]):
+        yield
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: str | None = None, private: bool = False,

@@ -12,12 +12,10 @@ are re-read from ``model_name_or_path`` on load).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import random
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, param_groups
 from taskhead.core.peft import (PeftConfig, apply_peft, base_fingerprint, enable_gradient_checkpointing, head_module_names,
                                 is_peft, quantization_kwargs, trainable_summary, unwrap)
-from taskhead.core.pretrained import is_decoder_only, load_model, load_tokenizer, set_pad_token_id, stored_source
+from taskhead.core.pretrained import is_decoder_only, load_model, load_tokenizer, set_pad_token_id
 from taskhead.errors import TaskheadError
 
 EXPORT_CONFIG = "taskhead.json"
@@ -55,22 +53,6 @@ def label_maps(names: list[str]) -> dict:
 def plain(value):
     """Dataclasses → dicts, recursively, so checkpoints and exports hold only plain Python values."""
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-
-
-@contextlib.contextmanager
-def checkpoint_source(checkpoint: dict[str, Any]) -> Iterator[None]:
-    """Build the module for ``checkpoint`` inside this: a full fine-tune's checkpoint holds its model's config and
-    tokenizer (``TaskModule.source_files``), so the module is built from them, without the pretrained weights (nor
-    their Hub, directory or package), and the checkpoint's weights are loaded next. A LoRA checkpoint holds only
-    adapters, so it needs its base model (by design), as do checkpoints written before the source was stored."""
-    state = checkpoint.get("taskhead") or {}
-    source = state.get("source")
-    if source is None or state.get("base_model") is not None:
-        yield
-        return
-    names = {source["model_name_or_path"], (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path")}
-    with stored_source([n for n in names if n], source["files"]):
-        yield
 
 
 class TaskModule(L.LightningModule):
@@ -268,15 +250,12 @@ class TaskModule(L.LightningModule):
             checkpoint["taskhead"]["base_model"] = {"model_name_or_path": self.model_name_or_path,
                                                     "fingerprint": self._base_fingerprint}
 
-    def source_files(self) -> dict[str, bytes]:
-        """What rebuilding this module needs besides its weights, as bytes: the model's ``config.json`` (and
-        ``generation_config.json``) and the tokenizer's files. Read once, at the first checkpoint. Empty for a model
-        that ships its own code (``auto_map``): its classes are not in transformers, so it is rebuilt from its source."""
-        if self._source_files is None:
-            model = unwrap(self.model)
-            if getattr(model.config, "auto_map", None):
-                self._source_files = {}
-                return self._source_files
+    def source_files(self) -> dict[str, bytes] | None:
+        """What rebuilding this module needs besides its weights, as bytes (read at the first checkpoint): the model's
+        ``config.json`` (and ``generation_config.json``) and the tokenizer's files. None for a model with its own code
+        (``auto_map``): its classes are not in transformers, so it is rebuilt from its source."""
+        model = unwrap(self.model)
+        if self._source_files is None and not getattr(model.config, "auto_map", None):
             files = {"config.json": model.config.to_json_string().encode()}
             if getattr(model, "generation_config", None) is not None:
                 files["generation_config.json"] = model.generation_config.to_json_string().encode()
