@@ -9,6 +9,8 @@ anything is built, ``before_instantiate_classes`` applies the few rules that mak
 - ``--trainer.max_steps`` on the command line wins over the config's ``max_epochs``;
 - ``--ckpt_path last`` resumes the newest run of this name only if its config and data match;
 - ``test``/``validate``/``predict`` on a checkpoint write into that checkpoint's own run directory.
+- ``test``/``validate``/``predict`` on a full fine-tune's checkpoint build the model from the config and tokenizer
+  stored in it (``checkpoint_source``): the pretrained model need not be there, and its weights are not read.
 """
 
 from __future__ import annotations
