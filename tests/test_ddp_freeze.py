@@ -76,3 +76,19 @@ def test_freezing_by_dropping_gradients_equals_requires_grad(tiny_bert, review_f
     for i in last[0]:
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(last[0][i][name], last[1][i][name]), (i, name)
+
+
+def test_freeze_backbone_steps_under_ddp_with_lora(tiny_llama, review_files, tmp_path):
+    """Under LoRA the frozen "backbone" is the adapters: untouched through the frozen steps (lora_B stays zero, as
+    initialised), trained after; the task head trains throughout."""
+    args = cli_args(tiny_llama, {"train": review_files["train"]}, tmp_path, *FREEZE, "--config", "configs/peft/lora.yaml",
+                    "--model.optimizer.lr", "1e-2", "--data.batch_size", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    proc = run_taskhead("fit", *args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    at = {step: weights_at(tmp_path / "runs", step) for step in (1, 2, 3, 4)}
+    adapters = [k for k in at[1] if ".lora_A." in k or ".lora_B." in k]
+    head = next(k for k in at[1] if ".modules_to_save." in k and k.endswith("weight"))
+    assert adapters and all(torch.equal(at[1][k], at[2][k]) for k in adapters)
+    assert all(not at[2][k].any() for k in adapters if ".lora_B." in k)
+    assert not torch.equal(at[1][head], at[2][head])
+    assert any(at[4][k].any() for k in adapters if ".lora_B." in k)
