@@ -107,11 +107,12 @@ class SortedBatchSampler:
     example per rank.
 
     Callers that need input order back (prediction) carry the example index through the batch. Holds one int64
-    tensor of the order, cut into batches as they are drawn.
+    tensor of the order and the batch boundaries in it; batches are cut as they are drawn.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
         self.order = torch.argsort(as_lengths(lengths), descending=True, stable=True)
+        self.batch_size = batch_size
         n = len(self.order)
         count = -(-n // batch_size)
         if count % num_replicas == 0:  # full batches, the last one partial
