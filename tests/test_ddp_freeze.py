@@ -5,7 +5,11 @@ gradients before the optimiser step instead (TaskModule.on_before_optimizer_step
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
+
+import pytest
 
 import torch
 
@@ -92,3 +96,21 @@ def test_freeze_backbone_steps_under_ddp_with_lora(tiny_llama, review_files, tmp
     assert all(not at[2][k].any() for k in adapters if ".lora_B." in k)
     assert not torch.equal(at[1][head], at[2][head])
     assert any(at[4][k].any() for k in adapters if ".lora_B." in k)
+
+
+@pytest.mark.parametrize("strategy, kwargs", [("FSDPStrategy", {"use_orig_params": False}), ("DeepSpeedStrategy", {})])
+def test_freezing_where_the_optimiser_sees_no_per_weight_gradient_is_refused(tiny_bert, strategy, kwargs):
+    """Flat FSDP units and DeepSpeed's engine own the gradients: dropping a weight's ``.grad`` would not freeze it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import Precision
+
+    from taskhead.errors import TaskheadError
+
+    m = ClassificationModule(tiny_bert, label_names=["neg", "pos"], optimizer={"freeze_backbone_steps": 2})
+    m._trainer = SimpleNamespace(precision_plugin=Precision(), estimated_stepping_batches=10, world_size=2,
+                                 strategy=type(strategy, (), {"kwargs": kwargs})())
+    with pytest.raises(TaskheadError, match="freeze_backbone_steps needs each weight's own gradient"):
+        m.configure_optimizers()
+    m.optim_cfg = dataclasses.replace(m.optim_cfg, freeze_backbone_steps=0)
+    m.configure_optimizers()

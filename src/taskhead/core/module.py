@@ -180,12 +180,10 @@ class TaskModule(L.LightningModule):
                 self.print(f"[optim] step {self.global_step}: backbone {'frozen' if frozen else 'unfrozen'}")
 
     def freeze_by_dropping_grads(self) -> bool:
-        """How ``freeze_backbone_steps`` freezes. A distributed wrapper (DDP, FSDP) registers its gradient hooks on the
-        parameters that require gradients when it wraps the model; flipping ``requires_grad`` afterwards breaks its
-        reduction ("parameters that were not used in producing the loss"). So with more than one process the backbone
-        keeps ``requires_grad`` and its gradients are dropped before each frozen optimiser step: AdamW skips a weight
-        without a gradient (no update, no moments, no decay, no step count), the same update as a freeze. One process
-        flips ``requires_grad``, which also saves the backbone's backward (tests/test_ddp_freeze.py: bit-identical)."""
+        """How ``freeze_backbone_steps`` freezes. DDP/FSDP hook the parameters that require gradients when they wrap
+        the model: flipping ``requires_grad`` later breaks their reduction. So with several processes the backbone's
+        gradients are dropped before each frozen step instead: AdamW skips a weight without one (no update, moments,
+        decay or step count), the same update. One process flips ``requires_grad`` (saves the backbone's backward)."""
         trainer = self._trainer
         return trainer is not None and trainer.world_size > 1
 
@@ -342,9 +340,13 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self):
         strategy = getattr(self.trainer, "strategy", None)
-        if self._frozen_base is not None and type(strategy).__name__ == "FSDPStrategy" and not strategy.kwargs.get("use_orig_params", True):
+        flat = type(strategy).__name__ == "FSDPStrategy" and not strategy.kwargs.get("use_orig_params", True)
+        if self._frozen_base is not None and flat:
             raise TaskheadError("model.peft under FSDP needs trainer.strategy.init_args.use_orig_params: true (the default): "
                                 "a flat FSDP unit cannot mix frozen base weights and trainable adapters (litgpt #1392)")
+        if self.optim_cfg.freeze_backbone_steps and (flat or type(strategy).__name__ == "DeepSpeedStrategy"):
+            raise TaskheadError("model.optimizer.freeze_backbone_steps needs each weight's own gradient (it drops the "
+                                "backbone's), which DeepSpeed and FSDP with use_orig_params: false do not expose")
         num_layers = getattr(self.model.config, "num_hidden_layers", None) or 0
         # Every trained parameter starts trainable here, so the groups are fixed for the run even if the backbone
         # starts frozen. Under LoRA the frozen base stays out of the optimiser (no state, no decay, no update).
