@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from taskhead.core.sampling import LengthGroupedBatchSampler, SortedBatchSampler
 
 _rng = random.Random(0)
@@ -39,6 +41,36 @@ def test_sorted_eval_batches_cover_all_once_across_ranks():
     assert seen == list(range(len(LENGTHS)))  # no repeats, nothing lost: DDP metrics equal single-process ones
     single = list(SortedBatchSampler(LENGTHS, 32))
     assert all(LENGTHS[b[0]] >= LENGTHS[b[-1]] for b in single)
+
+
+@pytest.mark.parametrize("n, batch_size, world", [(1003, 32, 3), (75, 16, 2), (75, 8, 2), (20, 32, 2), (7, 2, 4),
+                                                   (5, 100, 5), (64, 8, 8), (33, 4, 1)])
+def test_sorted_eval_batches_are_equal_in_count_on_every_rank(n, batch_size, world):
+    """Under FSDP every forward is a collective: a rank with one eval batch more than another would hang. Every rank
+    gets the same count, each example exactly once, no batch over the batch size, still longest first."""
+    lengths = LENGTHS[:n]
+    shares = [list(SortedBatchSampler(lengths, batch_size, num_replicas=world, rank=r)) for r in range(world)]
+    assert len({len(share) for share in shares}) == 1
+    assert all(len(SortedBatchSampler(lengths, batch_size, world, r)) == len(shares[r]) for r in range(world))
+    seen = sorted(i for share in shares for b in share for i in b)
+    assert seen == list(range(n))
+    assert all(0 < len(b) <= batch_size for share in shares for b in share)
+    batches = [b for rnd in zip(*shares) for b in rnd]  # batch k is rank k % world's: the global order back
+    assert [LENGTHS[i] for b in batches for i in b] == sorted(lengths, reverse=True)
+
+
+def test_sorted_eval_batches_stay_full_where_the_count_divides():
+    """One process, or a batch count the ranks divide: full batches as before (the last one partial)."""
+    assert [len(b) for b in SortedBatchSampler(LENGTHS[:75], 8)] == [8] * 9 + [3]
+    assert [len(b) for b in SortedBatchSampler(LENGTHS[:75], 8, 2, 1)] == [8] * 4 + [3]
+    assert [len(b) for b in SortedBatchSampler(LENGTHS[:75], 16, 2, 0)] == [13, 13, 12]  # 5 batches → 6
+
+
+def test_fewer_eval_examples_than_ranks_is_one_clear_error():
+    from taskhead.errors import TaskheadError
+
+    with pytest.raises(TaskheadError, match="3 evaluation example\\(s\\) cannot give each of the 4 ranks a batch"):
+        SortedBatchSampler([1, 2, 3], 8, num_replicas=4, rank=0)
 
 
 def test_lightning_sets_the_epoch():

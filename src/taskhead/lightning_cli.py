@@ -9,10 +9,13 @@ anything is built, ``before_instantiate_classes`` applies the few rules that mak
 - ``--trainer.max_steps`` on the command line wins over the config's ``max_epochs``;
 - ``--ckpt_path last`` resumes the newest run of this name only if its config and data match;
 - ``test``/``validate``/``predict`` on a checkpoint write into that checkpoint's own run directory.
+- ``test``/``validate``/``predict`` on a full fine-tune's checkpoint build the model from the config and tokenizer
+  stored in it (``checkpoint_source``): the pretrained model need not be there, and its weights are not read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -33,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from taskhead.core.callbacks import (AtomicCheckpointIO, LastCheckpoint, RunArtifacts, RunManifest, Throughput,
                                      ValidateAtMaxSteps, sha256_file)
 from taskhead.core.data import TaskDataModule
+from taskhead.core.export import checkpoint_source
 from taskhead.core.module import TaskModule
 from taskhead.core.precision import bf16_warning, choose_precision
 from taskhead.core.progress import GracefulStop, LineProgress, RunSummary
@@ -129,7 +133,8 @@ class TaskheadCLI(LightningCLI):
     def __init__(self, *args: Any, args_list: list[str] | None = None, **kwargs: Any) -> None:
         self.argv = list(args_list or [])
         self.run_location: tuple[str, str, str | None] | None = None  # (root, name, version) of this run
-        super().__init__(*args, args=args_list, **kwargs)
+        with contextlib.ExitStack() as self.for_the_run:  # open while the subcommand runs (checkpoint_source)
+            super().__init__(*args, args=args_list, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
@@ -174,6 +179,13 @@ class TaskheadCLI(LightningCLI):
             # events land beside the training run's; the fit's config.yaml and manifest.json stay as they are
             self.run_location = (str(run.parent.parent), run.parent.name, run.name)
             self.save_config_kwargs.update(config_filename=f"config-{sub}.yaml", overwrite=True)
+        if sub != "fit" and cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
+            # the model is built before Lightning reads the checkpoint: build it from the checkpoint's own config and
+            # tokenizer, not from the pretrained weights that the checkpoint's then replace (no "newly initialised")
+            import torch
+
+            ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            self.for_the_run.enter_context(checkpoint_source(ckpt))
         if sub in ("test", "validate") and not cfg.get("ckpt_path"):
             rank_zero_info(f"[{sub}] no --ckpt_path: evaluating the pretrained model as configured (a new head is untrained)")
 

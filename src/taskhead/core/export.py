@@ -8,9 +8,10 @@ its base model (``source`` in taskhead.json) and the adapter's weights are loade
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from taskhead.core.card import write_card
 from taskhead.core.run_facts import run_facts
 from taskhead.core.pretrained import hub_offline
 from taskhead.core.module import EXPORT_CONFIG, HEAD_WEIGHTS
-from taskhead.core.pretrained import load_tokenizer
+from taskhead.core.pretrained import load_tokenizer, stored_source
 from taskhead.errors import TaskheadError
 
 
@@ -90,6 +91,22 @@ def load_adapter(module, path: Path) -> None:
     module.model.eval()
 
 
+@contextlib.contextmanager
+def checkpoint_source(checkpoint: dict[str, Any]) -> Iterator[None]:
+    """Build the module for ``checkpoint`` inside this: a full fine-tune's checkpoint holds its model's config and
+    tokenizer (``TaskModule.source_files``), so the module is built from them, without the pretrained weights (nor
+    their Hub, directory or package), and the checkpoint's weights are loaded next. A LoRA checkpoint holds only
+    adapters, so it needs its base model (by design), as do checkpoints written before the source was stored."""
+    state = checkpoint.get("taskhead") or {}
+    source = state.get("source")
+    if source is None or state.get("base_model") is not None:
+        yield
+        return
+    names = {source["model_name_or_path"], (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path")}
+    with stored_source([n for n in names if n], source["files"]):
+        yield
+
+
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: str | None = None, private: bool = False,
                       merge: bool = True) -> Path:
     """Checkpoint → Hugging Face directory (safetensors) + taskhead.json + model card (README.md).
@@ -116,12 +133,14 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: s
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the pretrained load's "newly initialised head" report is moot: the checkpoint follows
     try:
-        module = import_object(task)(**hparams)
+        with checkpoint_source(ckpt):  # a full fine-tune: built from the checkpoint's config and tokenizer alone
+            module = import_object(task)(**hparams)
+            tokenizer = load_tokenizer(module.model_name_or_path)
     finally:
         hf_logging.set_verbosity(verbosity)
     module.complete_state_dict(ckpt)  # a LoRA checkpoint holds only the trained weights: the base comes from its source
     module.load_state_dict(ckpt["state_dict"])
-    out = module.export(out_dir, load_tokenizer(module.model_name_or_path), merge=merge)
+    out = module.export(out_dir, tokenizer, merge=merge)
     facts = run_facts(ckpt_path, ckpt)
     facts["adapter"] = json.loads((out / EXPORT_CONFIG).read_text()).get("adapter", False)
     del ckpt  # optimizer states can be twice the model: free them before an upload

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ class TaskModule(L.LightningModule):
         self._frozen: bool | None = None
         self.skipped_batches = 0  # batches whose loss was NaN/inf (model.optimizer.on_nonfinite_loss: skip)
         self._rng_to_restore: dict | None = None  # set when resuming from a checkpoint
+        self._source_files: dict[str, bytes] | None = None  # config + tokenizer files, for checkpoints (source_files)
         # Evaluation loss as a weighted mean over the whole split, synced across ranks once at epoch end: exact under
         # DDP (a per-step mean of per-rank means is not, when ranks see different batch sizes).
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
@@ -169,12 +171,28 @@ class TaskModule(L.LightningModule):
         if self._rng_to_restore is not None:
             self._restore_rng()
         frozen = self.global_step < self.optim_cfg.freeze_backbone_steps
-        if frozen != self._frozen:  # flip requires_grad only when the phase changes
-            for p in self.tuned_backbone():
-                p.requires_grad_(not frozen)
+        if frozen != self._frozen:  # act only when the phase changes
+            if not self.freeze_by_dropping_grads():
+                for p in self.tuned_backbone():
+                    p.requires_grad_(not frozen)
             self._frozen = frozen
             if self.global_step > 0 or frozen:
                 self.print(f"[optim] step {self.global_step}: backbone {'frozen' if frozen else 'unfrozen'}")
+
+    def freeze_by_dropping_grads(self) -> bool:
+        """How ``freeze_backbone_steps`` freezes. DDP/FSDP hook the parameters that require gradients when they wrap
+        the model: flipping ``requires_grad`` later breaks their reduction. So with several processes the backbone's
+        gradients are dropped before each frozen step instead: AdamW skips a weight without one (no update, moments,
+        decay or step count), the same update. One process flips ``requires_grad`` (saves the backbone's backward)."""
+        trainer = self._trainer
+        return trainer is not None and trainer.world_size > 1
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this after backward (and the DDP all-reduce) and before clipping: a dropped gradient counts
+        # in neither the clipping norm nor the step, as under requires_grad=False
+        if self._frozen and self.freeze_by_dropping_grads():
+            for p in self.tuned_backbone():
+                p.grad = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self.training_loss(batch)
@@ -220,6 +238,8 @@ class TaskModule(L.LightningModule):
             "monitor": getattr(ckpt_cb, "monitor", None),
             "monitor_mode": getattr(ckpt_cb, "mode", None),
         }
+        if self._frozen_base is None and (files := self.source_files()):  # a full fine-tune rebuilds from these alone
+            checkpoint["taskhead"]["source"] = {"model_name_or_path": self.model_name_or_path, "files": files}
         if self._frozen_base is not None:  # LoRA: the frozen base weights are re-read from model_name_or_path on load
             frozen = {id(p) for p in self._frozen_base}
             for name, p in self.named_parameters(remove_duplicate=False):
@@ -227,6 +247,21 @@ class TaskModule(L.LightningModule):
                     checkpoint["state_dict"].pop(name, None)
             checkpoint["taskhead"]["base_model"] = {"model_name_or_path": self.model_name_or_path,
                                                     "fingerprint": self._base_fingerprint}
+
+    def source_files(self) -> dict[str, bytes] | None:
+        """What rebuilding this module needs besides its weights, as bytes (read at the first checkpoint): the model's
+        ``config.json`` (and ``generation_config.json``) and the tokenizer's files. None for a model with its own code
+        (``auto_map``): its classes are not in transformers, so it is rebuilt from its source."""
+        model = unwrap(self.model)
+        if self._source_files is None and not getattr(model.config, "auto_map", None):
+            files = {"config.json": model.config.to_json_string().encode()}
+            if getattr(model, "generation_config", None) is not None:
+                files["generation_config.json"] = model.generation_config.to_json_string().encode()
+            with tempfile.TemporaryDirectory() as d:
+                load_tokenizer(self.model_name_or_path).save_pretrained(d)
+                files.update({f.name: f.read_bytes() for f in Path(d).iterdir() if f.is_file() and f.name not in files})
+            self._source_files = files
+        return self._source_files
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.complete_state_dict(checkpoint)
@@ -305,9 +340,13 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self):
         strategy = getattr(self.trainer, "strategy", None)
-        if self._frozen_base is not None and type(strategy).__name__ == "FSDPStrategy" and not strategy.kwargs.get("use_orig_params", True):
+        flat = type(strategy).__name__ == "FSDPStrategy" and not strategy.kwargs.get("use_orig_params", True)
+        if self._frozen_base is not None and flat:
             raise TaskheadError("model.peft under FSDP needs trainer.strategy.init_args.use_orig_params: true (the default): "
                                 "a flat FSDP unit cannot mix frozen base weights and trainable adapters (litgpt #1392)")
+        if self.optim_cfg.freeze_backbone_steps and (flat or type(strategy).__name__ == "DeepSpeedStrategy"):
+            raise TaskheadError("model.optimizer.freeze_backbone_steps needs each weight's own gradient (it drops the "
+                                "backbone's), which DeepSpeed and FSDP with use_orig_params: false do not expose")
         num_layers = getattr(self.model.config, "num_hidden_layers", None) or 0
         # Every trained parameter starts trainable here, so the groups are fixed for the run even if the backbone
         # starts frozen. Under LoRA the frozen base stays out of the optimiser (no state, no decay, no update).

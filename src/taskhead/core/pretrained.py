@@ -6,10 +6,13 @@ that uses a packaged model resolves on any machine where the package is installe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import socket
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from taskhead.errors import TaskheadError
@@ -19,6 +22,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Turn ``pkg:...`` into a directory path; check that something that looks like a local path exists."""
     if not name_or_path:
         raise TaskheadError("model_name_or_path is empty: set --model.model_name_or_path to a Hub id or a directory")
+    if name_or_path in STORED:  # a checkpoint's own copy of the config and tokenizer (stored_source)
+        return STORED[name_or_path]
     if name_or_path.startswith("pkg:"):
         package, _, sub = name_or_path[4:].partition("/")
         spec = importlib.util.find_spec(package)
@@ -111,6 +116,8 @@ def load_model(auto_class, name_or_path: str, **kwargs):
 
     transformers prints a table (its LOAD REPORT) for weights the checkpoint lacks, e.g. a new classification head;
     here that is one line naming the modules trained from scratch."""
+    if name_or_path in STORED:
+        return model_from_config(auto_class, STORED[name_or_path], **kwargs)
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -132,7 +139,48 @@ def load_tokenizer(name_or_path: str):
     """The model's tokenizer, with a pad token (see ``ensure_pad_token``)."""
     from transformers import AutoTokenizer
 
-    return ensure_pad_token(load_pretrained(AutoTokenizer, name_or_path))
+    tokenizer = ensure_pad_token(load_pretrained(AutoTokenizer, name_or_path))
+    if name_or_path in STORED:
+        tokenizer.name_or_path = name_or_path  # the model's name, not a temporary directory (cache keys, messages)
+    return tokenizer
+
+
+# ---- a checkpoint's own copy of its model's config and tokenizer (TaskModule.on_save_checkpoint stores it) ----------
+
+STORED: dict[str, str] = {}  # model_name_or_path → a directory holding a checkpoint's config and tokenizer files
+
+
+@contextlib.contextmanager
+def stored_source(names: Iterable[str], files: dict[str, bytes]) -> Iterator[None]:
+    """While open, the models named ``names`` load from ``files`` (``config.json``, the tokenizer's files) instead of
+    the Hub, a directory or a package: the config and tokenizer are read from them, and ``load_model`` builds the model
+    from the config alone (no pretrained weights read, no "newly initialised" report), for a checkpoint's weights
+    to be loaded into. test/predict/export of a full fine-tune thus need only the checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="taskhead-source-") as d:
+        for name, data in files.items():
+            if Path(name).name != name or name in (".", ".."):  # file names only: nothing written outside
+                raise TaskheadError(f"checkpoint: stored model file name {name!r} is not a plain file name")
+            (Path(d) / name).write_bytes(data)
+        before = dict(STORED)
+        STORED.update(dict.fromkeys(names, d))
+        try:
+            yield
+        finally:
+            STORED.clear()
+            STORED.update(before)
+
+
+def model_from_config(model_class, directory: str, **config_kwargs):
+    """``model_class`` (an ``AutoModelFor...`` or a model class) built from ``directory``'s config, in training mode;
+    its weights are random until a checkpoint's are loaded."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(directory, **config_kwargs)
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    model = build(config)
+    if (Path(directory) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.train()
 
 
 def ensure_pad_token(tokenizer):

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from taskhead.errors import TaskheadError
+
 
 def as_lengths(lengths: Sequence[int] | np.ndarray) -> torch.Tensor:
     """Lengths as one int64 tensor. Pass a numpy array (``numpy_column(ds, "length")``): it is shared, not copied.
@@ -98,19 +100,34 @@ class LengthGroupedBatchSampler:
 class SortedBatchSampler:
     """Batches of examples sorted longest first; each rank takes every ``num_replicas``-th batch, none repeated.
 
+    Every rank gets the same number of batches: under FSDP (or any sharded strategy) every forward is a collective,
+    and a rank with one batch more would wait forever for the others. When ``ceil(n / batch_size)`` is not a multiple
+    of ``num_replicas``, the sorted examples are cut into the next multiple of batches instead, of near-equal sizes
+    (all ≤ ``batch_size``): smaller batches, never a repeated example, so metrics stay exact. That needs at least one
+    example per rank.
+
     Callers that need input order back (prediction) carry the example index through the batch. Holds one int64
-    tensor of the order, cut into batches as they are drawn.
+    tensor of the order and the batch boundaries in it; batches are cut as they are drawn.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
         self.order = torch.argsort(as_lengths(lengths), descending=True, stable=True)
         self.batch_size = batch_size
-        self.mine = range(rank, -(-len(self.order) // batch_size), num_replicas)  # this rank's batch numbers
+        n = len(self.order)
+        count = -(-n // batch_size)
+        if count % num_replicas == 0:  # full batches, the last one partial
+            self.bounds = [min(b * batch_size, n) for b in range(count + 1)]
+        else:  # the next multiple of num_replicas, sizes differing by at most one (≤ batch_size: more batches)
+            count += num_replicas - count % num_replicas
+            if count > n:
+                raise TaskheadError(f"{n} evaluation example(s) cannot give each of the {num_replicas} ranks a batch")
+            size, extra = divmod(n, count)
+            self.bounds = [b * size + min(b, extra) for b in range(count + 1)]
+        self.mine = range(rank, count, num_replicas)  # this rank's batch numbers
 
     def __iter__(self) -> Iterator[list[int]]:
-        bs = self.batch_size
         for b in self.mine:
-            yield self.order[b * bs : (b + 1) * bs].tolist()
+            yield self.order[self.bounds[b] : self.bounds[b + 1]].tolist()
 
     def __len__(self) -> int:
         return len(self.mine)
