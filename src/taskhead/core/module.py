@@ -63,9 +63,14 @@ class TaskModule(L.LightningModule):
         scheduler: SchedulerConfig | None = None,
         peft: PeftConfig | None = None,
         gradient_checkpointing: bool = False,
+        max_length: int = 512,
     ) -> None:
         """
         Args:
+            model_name_or_path: The pretrained backbone: Hub id, local directory or ``pkg:PACKAGE/dir``.
+            optimizer: AdamW, learning rates (head vs backbone), layer-wise decay, freezing the backbone for N steps.
+            scheduler: Per-step LR schedule with warmup.
+            max_length: Truncation length for raw-text prediction (linked from ``data.max_length``).
             peft: Parameter-efficient fine-tuning (``{method: lora, r, alpha, dropout, target_modules, bias}``);
                 null trains every weight. The task layers always train in full (configs/peft/lora.yaml).
             gradient_checkpointing: Recompute the backbone's activations in backward (non-reentrant): less memory,
@@ -77,6 +82,7 @@ class TaskModule(L.LightningModule):
         self.sched_cfg = as_config(SchedulerConfig, scheduler) or SchedulerConfig()
         self.peft_cfg = as_config(PeftConfig, peft)
         self.gradient_checkpointing = gradient_checkpointing
+        self.max_length = max_length
         self.pooling: str | None = None  # a custom head's pooling, "auto" resolved for the backbone (build_model)
         self._frozen_base: list[torch.nn.Parameter] | None = None  # weights peft froze (not in checkpoints)
         self._tuned_backbone: list[torch.nn.Parameter] | None = None  # what freeze_backbone_steps toggles
@@ -99,6 +105,7 @@ class TaskModule(L.LightningModule):
                 "scheduler": plain(self.sched_cfg),
                 "peft": plain(self.peft_cfg),
                 "gradient_checkpointing": self.gradient_checkpointing,
+                "max_length": self.max_length,
                 **{k: plain(v) for k, v in task_args.items()},
             }
         )

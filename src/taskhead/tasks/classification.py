@@ -19,8 +19,6 @@ from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.metrics import (MostConfident, best_threshold, flatten_metrics, multiclass_metrics, multilabel_metrics,
                                    regression_metrics, threshold_curve)
 from taskhead.core.module import TaskModule, as_config, label_maps
-from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.peft import PeftConfig
 from taskhead.errors import TaskheadError
 from taskhead.tasks.classification_data import (ClassificationDataModule, ProblemType, check_label,  # noqa: F401
                                                 label_names_from)
@@ -68,16 +66,14 @@ class ClassificationModule(TaskModule):
         threshold: float | Literal["auto"] = 0.5,
         head: HeadConfig | None = None,
         loss: LossConfig | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
-        max_length: int = 512,
         num_mistakes: int = 20,
-        peft: PeftConfig | None = None,
-        gradient_checkpointing: bool = False,
+        **kwargs,
     ) -> None:
-        """
+        """The task's own options; the shared ones (optimizer, scheduler, peft, gradient_checkpointing,
+        max_length) are ``TaskModule``'s.
+
         Args:
-            model_name_or_path: Hub id, local directory, or ``pkg:PACKAGE/dir`` of the pretrained backbone.
+            model_name_or_path: The pretrained backbone: Hub id, local directory, ``pkg:PACKAGE/dir``.
             label_names: Label names in id order (linked from the data by the CLI); none for regression.
             label_counts: Training examples per label (linked from the data; for ``class_weights: balanced``).
             problem_type: ``single_label``, ``multi_label`` or ``regression`` (linked from ``data.problem_type``).
@@ -86,15 +82,10 @@ class ClassificationModule(TaskModule):
                 and ``val/f1_micro_tuned``); test, predict and the export use it.
             head: A custom head; ``null`` keeps the backbone's own classification head (pipeline-compatible export).
             loss: Loss function and its options.
-            optimizer: AdamW, learning rates, layer-wise decay, freezing.
-            scheduler: Per-step LR schedule with warmup.
-            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
-            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
-            max_length: Truncation length for raw-text prediction (linked from ``data.max_length``).
             num_mistakes: How many of the worst test mistakes ``test`` writes out (the most confident; regression:
                 the largest errors).
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
+        super().__init__(model_name_or_path, **kwargs)
         if problem_type == "regression":
             self.label_names = None
             n, maps = 1, {"num_labels": 1}
@@ -111,9 +102,9 @@ class ClassificationModule(TaskModule):
         self.problem_type, self.threshold = problem_type, threshold
         self.head_cfg = as_config(HeadConfig, head)
         self.loss_cfg = as_config(LossConfig, loss) or LossConfig()
-        self.max_length, self.num_mistakes = max_length, num_mistakes
+        self.num_mistakes = num_mistakes
         self.save_task_hparams(label_names=self.label_names, label_counts=label_counts, problem_type=problem_type,
-                               threshold=threshold, head=self.head_cfg, loss=self.loss_cfg, max_length=max_length,
+                               threshold=threshold, head=self.head_cfg, loss=self.loss_cfg,
                                num_mistakes=num_mistakes)
         # head: null → the backbone's own head, e.g. BERT's pooler + classifier; problem_type goes into its config, so
         # the export's transformers.pipeline applies the same activation (softmax, sigmoid, none)

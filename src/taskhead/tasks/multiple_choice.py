@@ -18,8 +18,6 @@ from taskhead.core.heads import HeadConfig, pool
 from taskhead.core.losses import LossConfig
 from taskhead.core.metrics import MostConfident, flatten_metrics, multiclass_metrics
 from taskhead.core.module import TaskModule, as_config
-from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.peft import PeftConfig
 from taskhead.core.readers import get_field, get_text
 from taskhead.errors import TaskheadError
 
@@ -252,16 +250,14 @@ class MultipleChoiceModule(TaskModule):
         label_counts: list[int] | None = None,
         head: HeadConfig | None = None,
         loss: LossConfig | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
-        max_length: int = 512,
         num_mistakes: int = 20,
-        peft: PeftConfig | None = None,
-        gradient_checkpointing: bool = False,
+        **kwargs,
     ) -> None:
-        """
+        """The task's own options; the shared ones (optimizer, scheduler, peft, gradient_checkpointing,
+        max_length) are ``TaskModule``'s.
+
         Args:
-            model_name_or_path: Hub id, local directory, or ``pkg:PACKAGE/dir`` of the pretrained backbone.
+            model_name_or_path: The pretrained backbone: Hub id, local directory, ``pkg:PACKAGE/dir``.
             num_choices: Choices per example in the training/evaluation data; sizes the accuracy metrics and is
                 checked against every batch. The scorer itself handles any number (prediction accepts any).
             label_names: Unused (choices have no label set); accepted because the CLI links it for every task.
@@ -269,14 +265,9 @@ class MultipleChoiceModule(TaskModule):
                 must equal ``num_choices``.
             head: A custom per-choice scoring head; ``null`` keeps the backbone's own (``AutoModelForMultipleChoice``).
             loss: Loss over the choices of each example (cross-entropy, label smoothing allowed).
-            optimizer: AdamW, learning rates, layer-wise decay, freezing.
-            scheduler: Per-step LR schedule with warmup.
-            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
-            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
-            max_length: Truncation length for raw-input prediction (linked from ``data.max_length``).
             num_mistakes: How many of the most confident test mistakes ``test`` writes out.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
+        super().__init__(model_name_or_path, **kwargs)
         if num_choices < 2:
             raise TaskheadError(f"model.num_choices must be at least 2, got {num_choices}")
         if label_counts is not None and len(label_counts) != num_choices:  # checked again on every batch (_scores)
@@ -285,9 +276,9 @@ class MultipleChoiceModule(TaskModule):
         self.num_choices = num_choices
         self.head_cfg = as_config(HeadConfig, head)
         self.loss_cfg = as_config(LossConfig, loss) or LossConfig()
-        self.max_length, self.num_mistakes = max_length, num_mistakes
+        self.num_mistakes = num_mistakes
         self.save_task_hparams(num_choices=num_choices, label_names=label_names, label_counts=label_counts,
-                               head=self.head_cfg, loss=self.loss_cfg, max_length=max_length, num_mistakes=num_mistakes)
+                               head=self.head_cfg, loss=self.loss_cfg, num_mistakes=num_mistakes)
         # head: null → the backbone's own head, e.g. BERT's pooler + dropout + Linear(hidden, 1); else ours per choice
         self.build_model(AutoModelForMultipleChoice, self.head_cfg, 1)
         self.set_loss(self.loss_cfg, None, num_choices)

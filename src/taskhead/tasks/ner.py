@@ -23,8 +23,6 @@ from taskhead.core.export import batched_inference
 from taskhead.core.heads import HeadConfig
 from taskhead.core.losses import IGNORE_INDEX, LossConfig
 from taskhead.core.module import TaskModule, as_config, label_maps
-from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.peft import PeftConfig
 from taskhead.core.readers import get_field, get_text
 from taskhead.errors import TaskheadError
 from taskhead.tasks.ner_tags import (
@@ -260,33 +258,26 @@ class NerModule(TaskModule):
         label_counts: list[int] | None = None,
         head: HeadConfig | None = None,
         loss: LossConfig | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
-        max_length: int = 512,
         decoding: Literal["argmax", "viterbi"] = "argmax",
         num_errors: int = 50,
-        peft: PeftConfig | None = None,
-        gradient_checkpointing: bool = False,
+        **kwargs,
     ) -> None:
-        """
+        """The task's own options; the shared ones (optimizer, scheduler, peft, gradient_checkpointing,
+        max_length) are ``TaskModule``'s.
+
         Args:
-            model_name_or_path: Hub id, local directory, or ``pkg:PACKAGE/dir`` of the pretrained backbone.
+            model_name_or_path: The pretrained backbone: Hub id, local directory, ``pkg:PACKAGE/dir``.
             label_names: IOB2 label names in id order (linked from the data by the CLI).
             label_counts: Training words per label (linked from the data; for ``class_weights: balanced``).
             head: A custom per-token head (``pooling`` is unused); ``null`` keeps the backbone's token-classification
                 head (``AutoModelForTokenClassification``: pipeline-compatible export).
             loss: Loss function and its options (on first sub-tokens; -100 is ignored).
-            optimizer: AdamW, learning rates, layer-wise decay, freezing.
-            scheduler: Per-step LR schedule with warmup.
-            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
-            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
-            max_length: Truncation length for raw-text prediction (linked from ``data.max_length``).
             decoding: Word tags by per-word argmax, or by Viterbi under IOB2 constraints (no ``I-X`` after ``O`` or
                 after another type). Metrics without a prefix use this one; ``<stage>/argmax/*`` and
                 ``<stage>/viterbi/*`` report both.
             num_errors: How many test sentences with a wrong tag ``test`` writes to ``test_errors.json``.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
+        super().__init__(model_name_or_path, **kwargs)
         if not label_names:
             raise TaskheadError("model.label_names is empty: give tagged data or --data.label_names (the CLI links it to the model)")
         if decoding not in DECODINGS:
@@ -297,9 +288,9 @@ class NerModule(TaskModule):
         self.o_id = self.label_names.index("O")
         self.head_cfg = as_config(HeadConfig, head)
         self.loss_cfg = as_config(LossConfig, loss) or LossConfig()
-        self.max_length, self.decoding, self.num_errors = max_length, decoding, num_errors
+        self.decoding, self.num_errors = decoding, num_errors
         self.save_task_hparams(label_names=self.label_names, label_counts=label_counts, head=self.head_cfg, loss=self.loss_cfg,
-                               max_length=max_length, decoding=decoding, num_errors=num_errors)
+                               decoding=decoding, num_errors=num_errors)
         n = len(self.label_names)
         # head: null → the backbone's own token head (dropout + linear); else our head on every token
         self.build_model(AutoModelForTokenClassification, self.head_cfg, n, **label_maps(self.label_names))

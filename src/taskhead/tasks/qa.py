@@ -22,8 +22,6 @@ from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
 from taskhead.core.heads import HeadConfig
 from taskhead.core.module import TaskModule, as_config
-from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.peft import PeftConfig
 from taskhead.core.readers import file_format, get_field, get_text, read_records
 from taskhead.errors import TaskheadError
 from taskhead.tasks.qa_spans import (
@@ -168,37 +166,32 @@ class QAModule(TaskModule):
         label_names: list[str] | None = None,
         label_counts: list[int] | None = None,
         head: HeadConfig | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
         max_length: int = 384,
         doc_stride: int = 128,
         n_best: int = 20,
         max_answer_length: int = 30,
         num_mistakes: int = 20,
-        peft: PeftConfig | None = None,
-        gradient_checkpointing: bool = False,
+        **kwargs,
     ) -> None:
-        """
+        """The task's own options; the shared ones (optimizer, scheduler, peft, gradient_checkpointing,
+        max_length) are ``TaskModule``'s.
+
         Args:
-            model_name_or_path: Hub id, local directory, or ``pkg:PACKAGE/dir`` of the pretrained backbone.
+            model_name_or_path: The pretrained backbone: Hub id, local directory, ``pkg:PACKAGE/dir``.
             label_names: Unused (QA has no label set); accepted because the CLI links it for every task.
             label_counts: Unused, as ``label_names``.
             head: A custom per-token head giving start/end logits; ``null`` keeps ``AutoModelForQuestionAnswering``'s.
-            optimizer: AdamW, learning rates, layer-wise decay, freezing.
-            scheduler: Per-step LR schedule with warmup.
-            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
-            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
             max_length: Window length for raw-text prediction (linked from ``data.max_length``).
             doc_stride: Window overlap for raw-text prediction; keep it equal to ``data.doc_stride``.
             n_best: Start and end candidates per window, and spans kept per question.
             max_answer_length: Longest answer in tokens.
             num_mistakes: How many of the most confident wrong test answers ``test`` writes out.
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
+        super().__init__(model_name_or_path, max_length=max_length, **kwargs)
         self.head_cfg = as_config(HeadConfig, head)
-        self.max_length, self.doc_stride, self.n_best = max_length, doc_stride, n_best
+        self.doc_stride, self.n_best = doc_stride, n_best
         self.max_answer_length, self.num_mistakes = max_answer_length, num_mistakes
-        self.save_task_hparams(head=self.head_cfg, max_length=max_length, doc_stride=doc_stride, n_best=n_best,
+        self.save_task_hparams(head=self.head_cfg, doc_stride=doc_stride, n_best=n_best,
                                max_answer_length=max_answer_length, num_mistakes=num_mistakes)
         from transformers import AutoModelForQuestionAnswering
 

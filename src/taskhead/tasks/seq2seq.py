@@ -20,8 +20,7 @@ from taskhead.core.export import batched_inference
 from taskhead.core.losses import IGNORE_INDEX, LossConfig, build_loss
 from taskhead.core.metrics import bleu_scores, degenerate_warnings, guard_scores, rouge_scores
 from taskhead.core.module import TaskModule, as_config
-from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.peft import PeftConfig, unwrap
+from taskhead.core.peft import unwrap
 from taskhead.errors import TaskheadError
 from taskhead.tasks.seq2seq_data import Seq2SeqDataModule, encode_sources  # noqa: F401  (YAML class_path: tasks.seq2seq)
 from taskhead.tasks.seq2seq_models import (
@@ -99,17 +98,16 @@ class Seq2SeqModule(TaskModule):
         val_generate_samples: int | None = None,
         tie_encoder_decoder: bool = False,
         loss: LossConfig | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
-        max_length: int = 512,
         label_names: list[str] | None = None,
         label_counts: list[int] | None = None,
-        peft: PeftConfig | None = None,
-        gradient_checkpointing: bool = False,
+        **kwargs,
     ) -> None:
-        """
+        """The task's own options; the shared ones (optimizer, scheduler, peft, gradient_checkpointing,
+        max_length) are ``TaskModule``'s.
+
         Args:
-            model_name_or_path: Hub id, directory, ``pkg:PACKAGE/dir``, or a ``.gguf`` file (decoder-only; converted once).
+            model_name_or_path: The pretrained backbone: Hub id, local directory, ``pkg:PACKAGE/dir`` or a
+                decoder-only ``.gguf`` file (converted once).
             architecture: ``seq2seq`` (AutoModelForSeq2SeqLM), ``encoder_decoder`` (BERT2BERT warm start from an
                 encoder checkpoint) or ``causal`` (decoder-only LM: prompt + source + separator → target).
             source_prefix: Text before every source (must equal ``data.source_prefix``; used by raw-text predict).
@@ -122,16 +120,10 @@ class Seq2SeqModule(TaskModule):
             val_generate_samples: Generate on validation examples with index < this (None = all); loss uses all.
             tie_encoder_decoder: ``encoder_decoder`` only: share encoder and decoder weights (BERTShare).
             loss: Token cross-entropy (``label_smoothing`` allowed); class weights do not apply.
-            optimizer: AdamW options; the backbone is the encoder (seq2seq) or the transformer body (causal), and
-                ``head_lr`` applies to the decoder / LM head.
-            scheduler: Per-step LR schedule with warmup.
-            peft: LoRA (``configs/peft/lora.yaml``); null trains every weight. The task layers always train in full.
-            gradient_checkpointing: Recompute activations in backward (non-reentrant): less memory, more compute.
-            max_length: Source truncation for raw-text predict (linked from ``data.max_length``).
             label_names: Unused (the CLI links it for every task).
             label_counts: Unused (the CLI links it for every task).
         """
-        super().__init__(model_name_or_path, optimizer, scheduler, peft, gradient_checkpointing)
+        super().__init__(model_name_or_path, **kwargs)
         if chat_template and architecture != "causal":
             raise TaskheadError("model.chat_template: true needs architecture: causal (a decoder-only chat model)")
         self.architecture, self.source_prefix, self.separator = architecture, source_prefix, separator
@@ -140,11 +132,11 @@ class Seq2SeqModule(TaskModule):
         self.loss_cfg = as_config(LossConfig, loss) or LossConfig()
         if self.loss_cfg.name != "ce" or self.loss_cfg.class_weights is not None:
             raise TaskheadError("seq2seq loss: token cross-entropy only (loss.name: ce, class_weights: null)")
-        self.metric, self.val_generate_samples, self.max_length = metric, val_generate_samples, max_length
+        self.metric, self.val_generate_samples = metric, val_generate_samples
         self.save_task_hparams(architecture=architecture, source_prefix=source_prefix, separator=separator, chat_template=chat_template,
                                generation=self.gen_options, metric=metric, val_generate_samples=val_generate_samples,
-                               tie_encoder_decoder=tie_encoder_decoder, loss=self.loss_cfg, max_length=max_length)
-        self.model_name_or_path = resolve_generator_path(model_name_or_path)  # a .gguf → its converted directory
+                               tie_encoder_decoder=tie_encoder_decoder, loss=self.loss_cfg)
+        self.model_name_or_path = resolve_generator_path(self.model_name_or_path)  # a .gguf → its converted directory
         self.tokenizer = load_generator_tokenizer(self.model_name_or_path)
         self.model = build_generator(architecture, self.model_name_or_path, self.tokenizer, tie_encoder_decoder)
         self.adapt_model()  # model.peft (LoRA), model.gradient_checkpointing
