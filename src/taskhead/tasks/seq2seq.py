@@ -16,11 +16,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from taskhead.core.export import batched_inference
+from taskhead.core.gguf import resolve_gguf
 from taskhead.core.losses import LossConfig, build_loss
 from taskhead.core.metrics import bleu_scores, degenerate_warnings, guard_scores, rouge_scores
 from taskhead.core.module import TaskModule, as_config
 from taskhead.core.optim import OptimizerConfig, SchedulerConfig
-from taskhead.core.gguf import resolve_gguf
 from taskhead.core.peft import PeftConfig, unwrap
 from taskhead.errors import TaskheadError
 from taskhead.tasks.seq2seq_data import Seq2SeqDataModule, encode_sources  # noqa: F401  (YAML class_path: tasks.seq2seq)
