@@ -79,3 +79,33 @@ def test_too_few_eval_batches_for_the_ranks_is_one_clear_error(tiny_bert, review
     dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
     dm.hparams.eval_batch_size = 10
     assert len(dm.val_dataloader()) == 1
+
+
+@pytest.mark.parametrize("checkpointing", ["false", "true"], ids=["lora", "lora+gradient_checkpointing"])
+def test_lora_under_ddp_trains_every_adapter_saves_only_them_and_tests(checkpointing, tiny_llama, review_files, tmp_path):
+    """LoRA on a decoder-only classifier with 2 CPU processes (gloo), with and without non-reentrant gradient
+    checkpointing: DDP registers only the trainable weights, every adapter gets a gradient on both ranks (a LoRA B
+    matrix starts at zero and stays zero without one), the checkpoint holds only adapters + head and their Adam
+    moments, and it loads for ``test`` on top of the base."""
+    import torch
+
+    from test_peft import LORA
+
+    args = cli_args(tiny_llama, {"train": review_files["train"], "test": review_files["test"]}, tmp_path,
+                    "--config", LORA, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    "--model.gradient_checkpointing", checkpointing, "--trainer.max_steps", "4",
+                    "--data.eval_batch_size", "8", "--model.optimizer.lr", "3e-3")
+    proc = run_taskhead("fit", *args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last, = (tmp_path / "runs").rglob("last.ckpt")
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    keys = list(ckpt["state_dict"])
+    assert keys and all(".lora_" in k or ".score.modules_to_save." in k for k in keys), keys[:5]
+    assert len(ckpt["optimizer_states"][0]["state"]) == len(keys)
+    lora_b = {k: v for k, v in ckpt["state_dict"].items() if ".lora_B." in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values()), [k for k, v in lora_b.items() if v.abs().sum() == 0]
+    assert ckpt["global_step"] == 4
+    proc = run_taskhead("test", "--ckpt_path", str(last), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((last.parent.parent / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/acc"] <= 1.0

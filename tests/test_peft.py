@@ -207,6 +207,17 @@ def test_qlora_without_cuda_is_one_clear_line(tiny_llama, review_files, tmp_path
     assert "QLoRA" in last and "CUDA" in last and "Traceback" not in proc.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_qlora_gpu_check_stops_at_its_first_check_without_cuda():
+    """benchmarks/qlora_gpu_check.py is the one command for a GPU machine; here it must say why it cannot run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qlora_gpu_check.py")], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1 and proc.stdout.strip() == "FAIL a CUDA device is present", proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_lora_config_composes_on_every_task_config(config, capsys):
     import yaml

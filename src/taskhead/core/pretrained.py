@@ -1,4 +1,5 @@
-"""Where pretrained models come from: the Hub, a local directory, or a directory inside an installed package.
+"""Where pretrained models come from: the Hub, a local directory, a directory inside an installed package, or a GGUF
+file (converted once by core/gguf.py).
 
 ``pkg:NAME/sub/dir`` names a directory inside the installed Python package ``NAME`` without importing it, so a config
 that uses a packaged model resolves on any machine where the package is installed (never an absolute path).
@@ -15,6 +16,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from taskhead.core.gguf import resolve_gguf
 from taskhead.errors import TaskheadError
 
 
@@ -89,10 +91,7 @@ def load_pretrained(loader, name_or_path: str, **kwargs):
     """``loader.from_pretrained(resolved path, **kwargs)`` with a one-line error when the model cannot be loaded.
 
     A Hub id is looked up in the local cache first; only when it is not there is the network asked for, once."""
-    if name_or_path.endswith(".gguf"):  # a GGUF file (decoder-only LLMs): its converted safetensors directory
-        from taskhead.tasks.seq2seq_models import resolve_generator_path  # the converter lives with the generators
-
-        name_or_path = resolve_generator_path(name_or_path)
+    name_or_path = resolve_gguf(name_or_path)  # a GGUF file (decoder-only LLMs): its converted safetensors directory
     path = resolve_model_path(name_or_path)
     is_hub_id = path == name_or_path and not Path(path).exists()
     try:

