@@ -134,11 +134,16 @@ def load_cached(file: Path):
     return None
 
 
-def input_rows(ds, model_input_names: list[str]) -> list[dict]:
-    """Per row of a tokenised predict split: ``{"id", input fields}`` (ids are stored JSON-encoded: string or line)."""
-    keep = [c for c in ds.column_names if c not in ENCODED and c not in model_input_names]
+def input_rows(ds, model_input_names: list[str], encoded: tuple[str, ...] = ()) -> list[dict]:
+    """Per example of a tokenised predict split: ``{"id", input fields}`` (ids are stored JSON-encoded: string or
+    line). A task whose examples become several rows (QA windows) gives the first row of each; ``encoded`` names the
+    task's own columns that tokenisation added."""
+    keep = [c for c in ds.column_names if c not in ENCODED and c not in model_input_names and c not in encoded]
+    _, first = np.unique(numpy_column(ds, "idx"), return_index=True)
+    if len(first) < len(ds):
+        ds = ds.select(first)
     rows = ds.select_columns(keep + ["_id"]).with_format("arrow")[:].to_pylist()
-    return [{"id": json.loads(r.pop("_id")), **r} for r in rows]
+    return [{"id": json.loads(r.pop("_id")), **{k: v for k, v in r.items() if k != "id"}} for r in rows]
 
 
 class Encoder:
@@ -149,11 +154,11 @@ class Encoder:
     def __init__(self, dm) -> None:
         self.dm = copy.copy(dm)
         self.dm.__dict__.update(trainer=None, datasets={}, parsed={}, predict_inputs=[])
-        self.dm.__dict__.pop("raw", None)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = self.dm.encode(batch)
-        out["idx"] = list(indices)
+        # ``idx`` goes in with the batch: a task whose examples become several rows (QA windows) repeats it per row
+        out = self.dm.encode({**batch, "idx": list(indices)})
+        out.setdefault("idx", list(indices))
         return out
 
 
