@@ -19,6 +19,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,6 +129,7 @@ class EarlyStoppingConfig:
 class TaskheadCLI(LightningCLI):
     def __init__(self, *args: Any, args_list: list[str] | None = None, **kwargs: Any) -> None:
         self.argv = list(args_list or [])
+        self.model_facts: dict = {}  # label names and counts of the checkpoint that validate/test/predict evaluates
         self.run_location: tuple[str, str, str | None] | None = None  # (root, name, version) of this run
         super().__init__(*args, args=args_list, **kwargs)
 
@@ -145,8 +147,17 @@ class TaskheadCLI(LightningCLI):
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
-        parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
-        parser.link_arguments("data.label_counts", "model.init_args.label_counts", apply_on="instantiate")
+        # the data module is connected to this run's stage first: it reads (and checks) only the splits the stage needs
+        parser.link_arguments("data", "model.init_args.label_names", compute_fn=partial(self._data_fact, "label_names"),
+                              apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.label_counts", compute_fn=partial(self._data_fact, "label_counts"),
+                              apply_on="instantiate")
+
+    def _data_fact(self, name: str, datamodule: TaskDataModule):
+        """``datamodule.<name>`` for the model, once the data module knows this run's stage and, evaluating a
+        checkpoint, the label set its model was trained with (then the training split need not exist any more)."""
+        datamodule.connect(self.subcommand or "fit", self.model_facts)
+        return getattr(datamodule, name)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -173,6 +184,8 @@ class TaskheadCLI(LightningCLI):
             # events land beside the training run's; the fit's config.yaml and manifest.json stay as they are
             self.run_location = (str(run.parent.parent), run.parent.name, run.name)
             self.save_config_kwargs.update(config_filename=f"config-{sub}.yaml", overwrite=True)
+        if sub != "fit":
+            self.model_facts = checkpoint_facts(cfg.get("ckpt_path"))
         if sub in ("test", "validate") and not cfg.get("ckpt_path"):
             rank_zero_info(f"[{sub}] no --ckpt_path: evaluating the pretrained model as configured (a new head is untrained)")
 
@@ -291,6 +304,19 @@ class TaskheadCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:  # Lightning's own switch turns taskhead's checkpoints off too
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint | LastCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def checkpoint_facts(ckpt: str | None) -> dict:
+    """The label names and counts a checkpoint's model was trained with (its hparams; the weights are memory-mapped,
+    not read); empty for a task without a label set, or a checkpoint that is not a local file."""
+    if not ckpt or "://" in ckpt or not Path(ckpt).is_file():
+        return {}
+    import torch
+
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    if not hparams.get("label_names"):
+        return {}
+    return {"label_names": list(hparams["label_names"]), "label_counts": hparams.get("label_counts")}
 
 
 def type_name(cfg) -> str:

@@ -1,0 +1,85 @@
+"""A stage reads only the splits it needs (issue 18): fit reads train + validation, test only test, predict only
+predict; evaluating a checkpoint, the label set comes from its model, so the training file may be gone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from taskhead.cli import run_cli
+from taskhead.errors import TaskheadError
+from taskhead.tasks.classification import ClassificationDataModule
+from taskhead.tasks.ner import NerDataModule
+
+from conftest import cli_args, make_reviews, write_jsonl
+
+SENTENCES = "EU B-ORG\nrejects O\nGerman B-MISC\n\nPeter B-PER\nBlackburn I-PER\n\nParis B-LOC\nsaw O\nLondon B-LOC\n"
+
+
+def fit(tiny_bert, root: Path, files: dict[str, str], *extra: str, config: str = "imdb.yaml"):
+    args = cli_args(tiny_bert, files, root, "--trainer.max_steps", "2", "--trainer.max_epochs", "-1", *extra, config=config)
+    return run_cli(["fit", *args]), args
+
+
+def test_fit_never_reads_a_corrupt_test_file(tiny_bert, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", make_reviews(64, 0))
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"text": "fine", "label": "pos"}\n{"text": "cut off\n')  # line 2: malformed JSON
+    cli, _ = fit(tiny_bert, tmp_path / "run", {"train": str(train), "test": str(test)})
+    assert cli.trainer.global_step == 2
+    assert "test" not in cli.datamodule.parsed and "test" not in cli.datamodule.datasets
+    out = capsys.readouterr()
+    assert "test.jsonl" not in out.out + out.err  # not read, not mentioned
+
+
+def test_test_and_predict_from_a_checkpoint_whose_train_file_is_gone(tiny_bert, tmp_path):
+    files = {s: str(write_jsonl(tmp_path / f"{s}.jsonl", make_reviews(n, i, labels=("bad", "good"))))
+             for i, (s, n) in enumerate((("train", 64), ("test", 24)))}
+    files["predict"] = str(write_jsonl(tmp_path / "predict.jsonl", [{"text": r["text"]} for r in make_reviews(5, 9)]))
+    cli, args = fit(tiny_bert, tmp_path / "run", files)
+    best = cli.trainer.checkpoint_callback.best_model_path
+    config = Path(cli.trainer.log_dir) / "config.yaml"
+    assert files["train"] in config.read_text()  # the fit's config names the train file: test and predict use it
+    Path(files["train"]).unlink()
+
+    tested = run_cli(["test", "--ckpt_path", best])  # the run's config.yaml supplies the rest (cli.run_config_for)
+    assert tested.model.label_names == ["bad", "good"] and tested.model.hparams.label_counts == [32, 32]
+    assert set(tested.datamodule.parsed) == {"test"}  # train is gone and was never needed
+    metrics = json.loads((Path(tested.trainer.log_dir) / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+    predicted = run_cli(["predict", "--ckpt_path", best])
+    assert set(predicted.datamodule.parsed) == {"predict"}
+    rows = (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 5 and {json.loads(r)["label"] for r in rows} <= {"bad", "good"}
+
+
+def test_test_without_a_checkpoint_takes_the_label_set_from_train(tiny_bert, tmp_path):
+    """No model to ask: train is read once for its labels (and checked), the other splits are not."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_reviews(40, 0))
+    test = write_jsonl(tmp_path / "test.jsonl", make_reviews(10, 1))
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("not json\n")
+    dm = ClassificationDataModule(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), train_file=str(train),
+                                  validation_file=str(validation), test_file=str(test))
+    dm.connect("test")
+    assert dm.label_names == ["neg", "pos"] and set(dm.parsed) == {"train", "test"}
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 10
+
+
+def test_ner_test_stage_checks_tags_against_the_checkpoint_labels(tiny_bert, tmp_path):
+    test = tmp_path / "test.conll"
+    test.write_text(SENTENCES)
+    dm = NerDataModule(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), train_file=str(tmp_path / "gone.conll"),
+                       test_file=str(test))
+    names = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    dm.connect("test", {"label_names": names, "label_counts": [5, 1, 1, 1, 1, 1, 1, 1, 1]})
+    assert dm.label_names == names and dm.label_counts == [5, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert [names[t] for t in dm.parsed["test"][0]["tags"]] == ["B-ORG", "O", "B-MISC"]
+    dm = NerDataModule(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), test_file=str(test))
+    dm.connect("test", {"label_names": ["O", "B-PER", "I-PER"], "label_counts": None})
+    with pytest.raises(TaskheadError, match=r"test\.conll:1: tag 'B-ORG' is not in the checkpoint's label_names"):
+        dm.label_names
