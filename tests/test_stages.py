@@ -83,3 +83,32 @@ def test_ner_test_stage_checks_tags_against_the_checkpoint_labels(tiny_bert, tmp
     dm.connect("test", {"label_names": ["O", "B-PER", "I-PER"], "label_counts": None})
     with pytest.raises(TaskheadError, match=r"test\.conll:1: tag 'B-ORG' is not in the checkpoint's label_names"):
         dm.label_names
+
+
+def mnli_like(root: Path) -> str:
+    """A Hub-shaped dataset (Parquet shards under data/) whose splits are MNLI's: no 'validation', no 'test'."""
+    import datasets
+
+    feats = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    (root / "data").mkdir(parents=True)
+    for split, n, label in (("train", 30, None), ("validation_matched", 9, None), ("test_matched", 6, -1)):
+        rows = [{"premise": f"a man plays {i}", "hypothesis": f"someone plays {i}", "label": i % 3 if label is None else label}
+                for i in range(n)]
+        datasets.Dataset.from_list(rows, features=feats).to_parquet(root / "data" / f"{split}-00000-of-00001.parquet")
+    return str(root)
+
+
+def test_hub_split_names_are_options(tiny_bert, tmp_path):
+    hub = mnli_like(tmp_path / "mnli")
+    kw = dict(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), dataset_name=hub, text_field="premise",
+              text_pair_field="hypothesis")
+    dm = ClassificationDataModule(**kw, validation_split="validation_matched", test_split="test_matched")
+    dm.setup("fit")
+    assert dm.label_names == ["entailment", "neutral", "contradiction"]  # the Hub's ClassLabel order
+    assert len(dm.datasets["train"]) == 30 and len(dm.datasets["validation"]) == 9  # not held out of train
+    default = ClassificationDataModule(**kw)
+    default.setup("fit")
+    assert len(default.datasets["validation"]) == 3  # no 'validation' split: 10% of train held out
+    with pytest.raises(TaskheadError, match=r"has no split for --data.validation_split dev; its splits: train, "):
+        ClassificationDataModule(**kw, validation_split="dev").setup("fit")
