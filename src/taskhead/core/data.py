@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Iterator
@@ -59,6 +60,29 @@ def package_version() -> str:
         return version("taskhead")
     except PackageNotFoundError:  # a source tree on PYTHONPATH without an install
         return "0+unknown"
+
+
+def scratch_dir() -> Path:
+    """A new temporary directory for parsed splits, ``taskhead-parsed-<host>-<pid>-*`` in the system's temporary
+    directory (``TMPDIR``): not under ``cache_dir``, so a run stopped by a bad record or option leaves no output. A
+    process killed outright (SIGKILL, out of memory) cannot remove its own: the next run on the host removes those of
+    processes that are gone."""
+    host = socket.gethostname().replace("-", "_")
+    for old in Path(tempfile.gettempdir()).glob(f"taskhead-parsed-{host}-*-*"):
+        pid = old.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"taskhead-parsed-{host}-{os.getpid()}-"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -319,7 +343,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def _parse_split(self, split: str):
         if self._tmp is None:  # parsed splits live here until tokenised into the cache; gone with the DataModule
-            self._tmp = Path(tempfile.mkdtemp(prefix="taskhead-parsed-"))
+            self._tmp = scratch_dir()
             weakref.finalize(self, shutil.rmtree, str(self._tmp), ignore_errors=True)
         rows = self.check_stream(split, self._parsed_records(split, self.sources()[split]))
         if split == "predict":
