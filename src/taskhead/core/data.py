@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import tempfile
 import weakref
 from collections.abc import Iterator
 from functools import cached_property
@@ -39,8 +37,8 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from taskhead.core.arrow import (Encoder, cache_key, file_identity, hold_out_indices, input_rows, load_cached, numpy_column, tokenise,
-                                 write_arrow)
+from taskhead.core.arrow import (Encoder, cache_key, file_identity, hold_out_indices, input_rows, load_cached, numpy_column,
+                                 scratch_dir, tokenise, write_arrow)
 from taskhead.core.pretrained import load_pretrained, load_tokenizer
 from taskhead.core.readers import read_records
 from taskhead.core.sources import hub_streams, load_hub, record_line
@@ -60,29 +58,6 @@ def package_version() -> str:
         return version("taskhead")
     except PackageNotFoundError:  # a source tree on PYTHONPATH without an install
         return "0+unknown"
-
-
-def scratch_dir() -> Path:
-    """A new temporary directory for parsed splits, ``taskhead-parsed-<host>-<pid>-*`` in the system's temporary
-    directory (``TMPDIR``): not under ``cache_dir``, so a run stopped by a bad record or option leaves no output. A
-    process killed outright (SIGKILL, out of memory) cannot remove its own: the next run on the host removes those of
-    processes that are gone."""
-    host = socket.gethostname().replace("-", "_")
-    for old in Path(tempfile.gettempdir()).glob(f"taskhead-parsed-{host}-*-*"):
-        pid = old.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"taskhead-parsed-{host}-{os.getpid()}-"))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class TaskDataModule(L.LightningDataModule):

@@ -166,10 +166,10 @@ class MultipleChoiceDataModule(TaskDataModule):
         return ds
 
     def facts(self) -> dict:
-        return {"num_choices": self.num_choices, "first": self._first_where, "label_counts": self._label_counts}
+        return {"num_choices": self.num_choices, "_first_where": self._first_where, "_label_counts": self._label_counts}
 
     def restore_facts(self, facts: dict) -> None:
-        self.num_choices, self._first_where, self._label_counts = facts["num_choices"], facts["first"], facts["label_counts"]
+        self.__dict__.update(facts)
 
     @property
     def label_counts(self) -> list[int] | None:
@@ -178,7 +178,7 @@ class MultipleChoiceDataModule(TaskDataModule):
         facts = self.data_facts
         if facts["num_choices"] is None:
             raise TaskheadError("no labelled examples in any split")
-        return facts["label_counts"]
+        return facts["_label_counts"]
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
         return encode_choices(self.tokenizer, batch["context"], batch["choices"], self.hparams.max_length)

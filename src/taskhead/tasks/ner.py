@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from transformers import AutoModelForTokenClassification
 
+from taskhead.core.arrow import arrow_column, column_to_ids, numpy_column
 from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
 from taskhead.core.heads import HeadConfig
@@ -157,28 +159,15 @@ class NerDataModule(TaskDataModule):
     def finish_split(self, split: str, ds):
         """Fix the label set from the first tagged split read (``O`` + ``B-``/``I-`` of its types, sorted) and turn its
         tag names into ids column-wise; count training tags."""
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        from taskhead.core.arrow import arrow_column, write_arrow_table
-
         if "tags" not in ds.column_names:
             return ds
         names, _ = self._known_names()
-        tags = arrow_column(ds, "tags").combine_chunks()  # list<string> (tags not yet mapped) or list<int64>
         if names is None:
-            flat = pc.list_flatten(tags)
-            names = iob2_label_names({t[2:] for t in pc.unique(flat).to_pylist() if t != "O"})
-            ids = pa.ListArray.from_arrays(pc.subtract(tags.offsets, tags.offsets[0]),
-                                           pc.index_in(flat, value_set=pa.array(names)).cast(pa.int64()))
-            ds = write_arrow_table(ds.data.table.set_column(ds.column_names.index("tags"), "tags", ids),
-                                   Path(ds.cache_files[0]["filename"]).with_suffix(".ids.arrow"))
-            tags = ids
+            names = iob2_label_names({t[2:] for t in pc.unique(pc.list_flatten(arrow_column(ds, "tags"))).to_pylist() if t != "O"})
+            ds = column_to_ids(ds, "tags", names)
         self._label_names = names
         if split == "train":
-            counts = np.bincount(pc.list_flatten(tags).to_numpy(), minlength=len(names))
-            self._label_counts = [int(c) for c in counts]
+            self._label_counts = np.bincount(pc.list_flatten(arrow_column(ds, "tags")).to_numpy(), minlength=len(names)).tolist()
         return ds
 
     def facts(self) -> dict:
@@ -240,11 +229,6 @@ class NerDataModule(TaskDataModule):
         return loader
 
     def report_extra(self, split: str, ds) -> list[str]:
-        import numpy as np
-        import pyarrow.compute as pc
-
-        from taskhead.core.arrow import arrow_column, numpy_column
-
         lines = []
         if "tags" in ds.column_names:
             lines.append(f"tags read as {self.tag_scheme.upper()}, converted to IOB2 on load: "
