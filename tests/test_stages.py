@@ -4,6 +4,7 @@ predict; evaluating a checkpoint, the label set comes from its model, so the tra
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,56 @@ def test_hub_split_names_are_options(tiny_bert, tmp_path):
     assert len(default.datasets["validation"]) == 3  # no 'validation' split: 10% of train held out
     with pytest.raises(TaskheadError, match=r"has no split for --data.validation_split dev; its splits: train, "):
         ClassificationDataModule(**kw, validation_split="dev").setup("fit")
+
+
+def task_files(tmp_path: Path) -> dict[str, tuple[type, dict, dict[str, str]]]:
+    """Per task: its DataModule, options and train/validation files (small, hand-written)."""
+    from taskhead.tasks.multiple_choice import MultipleChoiceDataModule
+    from taskhead.tasks.qa import QADataModule
+    from taskhead.tasks.seq2seq_data import Seq2SeqDataModule
+
+    conll = tmp_path / "ner.conll"
+    conll.write_text(SENTENCES.replace("London B-LOC", "London I-LOC") * 4)  # IOB1-style I- start: converted
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"ctx": f"c {i}", "endings": ["a", "b", "c"], "label": i % 3} for i in range(12)])
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": f"q{i}", "question": "who?", "context": f"Ann met Bob {i} times.",
+                                              "answers": [{"text": "Bob", "answer_start": 8 if i % 2 else 9}]} for i in range(12)])
+    s2s = write_jsonl(tmp_path / "s2s.jsonl", [{"document": f"long text number {i}", "summary": f"text {i}"} for i in range(12)])
+    return {
+        "ner": (NerDataModule, {"tag_scheme": "iob1"}, {"train_file": str(conll), "validation_file": str(conll)}),
+        "mc": (MultipleChoiceDataModule, {"context_field": "ctx", "choices_field": "endings"}, {"train_file": str(mc)}),
+        "qa": (QADataModule, {"fix_answer_offsets": True, "max_length": 64, "doc_stride": 16}, {"train_file": str(qa)}),
+        "seq2seq": (Seq2SeqDataModule, {"architecture": "encoder_decoder"}, {"train_file": f"{s2s}[2:]", "validation_file": f"{s2s}[:2]"}),
+    }
+
+
+@pytest.mark.parametrize("task", ["ner", "mc", "qa", "seq2seq"])
+def test_warm_start_reads_no_record_for_every_task(task, tiny_bert, tmp_path, monkeypatch, caplog):
+    """What the streaming pass learnt (label set and counts, IOB2 conversions, number of choices, answer offsets moved)
+    comes back from the cache: a second run reads no record and reports the same."""
+    cls, options, files = task_files(tmp_path)[task]
+    make = lambda: cls(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), batch_size=4, **options, **files)  # noqa: E731
+    cold = make()
+    cold.connect("fit")
+    facts = (cold.label_names, cold.label_counts)
+    caplog.set_level(logging.INFO)
+    cold.setup("fit")
+    report = [line for line in data_report(caplog) if "moved answer_start" not in line]  # said while reading (QA)
+
+    def no_reading(self, path):
+        raise AssertionError(f"{path} was read again on a warm start")
+
+    monkeypatch.setattr(cls, "read_file", no_reading)
+    warm = make()
+    warm.connect("fit")
+    assert (warm.label_names, warm.label_counts) == facts
+    warm.setup("fit")
+    for split in ("train", "validation"):
+        assert warm.datasets[split].to_dict() == cold.datasets[split].to_dict()
+    assert data_report(caplog) == report and any("examples; tokens p50" in line for line in report)
+
+
+def data_report(caplog) -> list[str]:
+    """The data report's lines logged since the last call (tokenising times aside)."""
+    lines = [line for r in caplog.records for line in r.getMessage().splitlines() if line.startswith("[data]")]
+    caplog.clear()
+    return [line for line in lines if "tokenised" not in line]
