@@ -255,8 +255,9 @@ class TaskDataModule(L.LightningDataModule):
         streams, self.hub_class_names = hub_streams(self._hub, self.hparams.dataset_name, self._hub_split_names())
         return streams
 
-    def sources(self) -> dict[str, Any]:
-        """Split → a function yielding ``(where, record)``: the Hub dataset's splits, then local files (which win)."""
+    def _sources(self) -> dict[str, Any]:
+        """Split → a function yielding ``(where, record)``: the Hub dataset's splits, then local files (which win).
+        A task may override it (seq2seq: record slices, extra training files)."""
         out = self._hub_sources() if self.hparams.dataset_name else {}
         for split, path in self.data_files().items():
             out[split] = lambda path=path: self.read_file(path)
@@ -298,7 +299,7 @@ class TaskDataModule(L.LightningDataModule):
             self.check_model()
         if not self.hparams.dataset_name and not self.data_files():
             raise TaskheadError("no data: set --data.dataset_name or at least one of --data.{train,validation,test,predict}_file")
-        sources = self.sources()
+        sources = self._sources()
         if "_learns_labels" not in self.__dict__:  # asked before anything is restored or parsed: the task has a label
             facts = self.facts()                    # set, and no option, Hub ClassLabel or checkpoint gives it
             self._learns_labels = "label_names" in facts and facts["label_names"] is None
@@ -314,13 +315,15 @@ class TaskDataModule(L.LightningDataModule):
         for split in reads:
             if split not in self.parsed:  # parsed for an earlier stage of this DataModule already
                 self._parse_split(split)
-        return self.facts()
+        facts = self.facts()
+        # what the data read here cannot tell (train's label counts, train being gone) the checkpoint's model does
+        return {**facts, **{k: v for k, v in self.model_facts.items() if facts.get(k) is None}}
 
     def _parse_split(self, split: str):
         if self._tmp is None:  # parsed splits live here until tokenised into the cache; gone with the DataModule
             self._tmp = scratch_dir()
             weakref.finalize(self, shutil.rmtree, str(self._tmp), ignore_errors=True)
-        rows = self.check_stream(split, self._parsed_records(split, self.sources()[split]))
+        rows = self.check_stream(split, self._parsed_records(split, self._sources()[split]))
         if split == "predict":
             rows = ({**r, "_id": json.dumps(r["_id"])} for r in rows)  # a string or a line number: one Arrow type
         ds = write_arrow(rows, self._tmp / f"{split}.arrow", drop=("where",))
@@ -363,7 +366,7 @@ class TaskDataModule(L.LightningDataModule):
         if self.stage != stage:
             self.connect(stage, self.model_facts)  # read what this stage needs (used without the CLI, or a new stage)
         facts = self.data_facts  # every split the stage reads, checked; a missing one is an error there
-        held_out = "validation" in wanted and "validation" not in self.sources()
+        held_out = "validation" in wanted and "validation" not in self._sources()
         cache = Path(self.hparams.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
         for split in wanted:

@@ -38,6 +38,7 @@ def label_names_from(values: list) -> list[str]:
 
 class ClassificationDataModule(TaskDataModule):
     stratify_column = "label"
+    arrow_native = True  # splits streamed into Arrow; labels checked in the stream (check_stream / finish_split)
 
     def __init__(
         self,

@@ -107,7 +107,7 @@ class QADataModule(TaskDataModule):
         seen: set[str] = set()
         for r in records:
             if r["id"] in seen:  # name the first occurrence too: found again by reading the split up to it
-                first = next(q["where"] for q in self._parsed_records(split, self.sources()[split]) if q["id"] == r["id"])
+                first = next(q["where"] for q in self._parsed_records(split, self._sources()[split]) if q["id"] == r["id"])
                 first = "" if first == r["where"] else f" (first at {first})"
                 raise TaskheadError(f"{r['where']}: question id {r['id']} repeats{first}; ids must be unique in a split")
             seen.add(r["id"])

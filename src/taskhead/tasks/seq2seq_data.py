@@ -168,9 +168,9 @@ class Seq2SeqDataModule(TaskDataModule):
                 self._specs[key] = spec
         return files
 
-    def sources(self) -> dict:
+    def _sources(self) -> dict:
         """The base's sources with each file's record slice applied, and ``train+N`` read after ``train``."""
-        out = super().sources()
+        out = super()._sources()
         for key in [k for k in out if k in self._slices]:
             out[key] = partial(self._sliced, key, out[key])
         extra = sorted((k for k in out if "+" in k), key=lambda k: int(k.split("+")[1]))
