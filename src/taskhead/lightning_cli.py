@@ -184,8 +184,10 @@ class TaskheadCLI(LightningCLI):
             # events land beside the training run's; the fit's config.yaml and manifest.json stay as they are
             self.run_location = (str(run.parent.parent), run.parent.name, run.name)
             self.save_config_kwargs.update(config_filename=f"config-{sub}.yaml", overwrite=True)
-        if sub != "fit":
-            self.model_facts = checkpoint_facts(cfg.get("ckpt_path"))
+        if sub != "fit" and cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
+            import torch
+
+            self.model_facts = checkpoint_facts(torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True))
         if sub in ("test", "validate") and not cfg.get("ckpt_path"):
             rank_zero_info(f"[{sub}] no --ckpt_path: evaluating the pretrained model as configured (a new head is untrained)")
 
@@ -306,14 +308,10 @@ class TaskheadCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def checkpoint_facts(ckpt: str | None) -> dict:
-    """The label names and counts a checkpoint's model was trained with (its hparams; the weights are memory-mapped,
-    not read); empty for a task without a label set, or a checkpoint that is not a local file."""
-    if not ckpt or "://" in ckpt or not Path(ckpt).is_file():
-        return {}
-    import torch
-
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+def checkpoint_facts(ckpt: dict) -> dict:
+    """The label names and counts a loaded checkpoint's model was trained with (its hparams); empty for a task without
+    a label set."""
+    hparams = ckpt.get("hyper_parameters") or {}
     if not hparams.get("label_names"):
         return {}
     return {"label_names": list(hparams["label_names"]), "label_counts": hparams.get("label_counts")}
