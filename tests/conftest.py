@@ -41,6 +41,12 @@ def make_reviews(n: int, seed: int, labels=("neg", "pos")) -> list[dict]:
     return rows
 
 
+def parsed_rows(dm, split: str) -> list[dict]:
+    """The validated records of one split, as the streaming pass wrote them to Arrow (read back as Python rows)."""
+    _ = dm.data_facts  # reads and checks every split given (a DataModule not connected to a stage)
+    return dm.parsed[split].to_list()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -120,3 +120,31 @@ def test_predict_inputs_keep_ids_and_fields(tiny_bert, tmp_path):
 
 def test_package_version_from_metadata():
     assert package_version() and package_version() != "0+unknown"
+
+
+def test_scratch_of_a_killed_process_is_removed(tiny_bert, tmp_path, monkeypatch):
+    """A run killed by SIGKILL leaves its parsed splits behind; the next run on the host removes them (and only those
+    of processes that are gone)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    (tmp_path / "tmp").mkdir()
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.Popen(["sleep", "30"])
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    stale = tmp_path / "tmp" / f"taskhead-parsed-{host}-{dead.pid}-abc123"
+    live = tmp_path / "tmp" / f"taskhead-parsed-{host}-{os.getppid()}-abc123"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "train.arrow").write_text("x")
+    train = write_jsonl(tmp_path / "train.jsonl", make_reviews(20, 0))
+    dm = dm_for(tiny_bert, tmp_path, train_file=str(train))
+    assert dm.label_names == ["neg", "pos"]
+    assert not stale.exists() and live.exists()
+    assert dm.parsed["train"].cache_files[0]["filename"].startswith(str(tmp_path / "tmp" / f"taskhead-parsed-{host}-{os.getpid()}-"))

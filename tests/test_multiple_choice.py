@@ -22,7 +22,7 @@ from taskhead.tasks.multiple_choice import (
     position_report,
 )
 
-from conftest import FILLER, NEGATIVE, POSITIVE, ROOT, cli_args, write_jsonl
+from conftest import FILLER, NEGATIVE, POSITIVE, ROOT, cli_args, write_jsonl, parsed_rows
 
 SWAG_SAMPLE = ROOT.parent / "shared/data/swag/sample_val.csv"
 SWAG_HEADER = ",video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,ending2,ending3,label\n"
@@ -57,26 +57,25 @@ GENERIC = {"context_field": "ctx", "choices_field": "endings"}
 @pytest.mark.skipif(not SWAG_SAMPLE.is_file(), reason="../shared/data/swag/sample_val.csv is not here")
 def test_reads_real_swag_sample(tmp_path):
     dm = dm_for(tmp_path, test_file=str(SWAG_SAMPLE))
-    recs = dm.raw["test"]
+    recs = parsed_rows(dm, "test")
     assert len(recs) == 91 and dm.num_choices == 4
     assert recs[0]["context"] == "Students lower their eyes nervously."
     assert recs[0]["choices"][0] == "She pats her shoulder, then saunters toward someone."  # sent2 + " " + ending0
     assert [sum(r["label"] == k for r in recs) for k in range(4)] == [20, 19, 30, 22]  # as SOURCE.md says
-    assert recs[1]["where"].endswith("sample_val.csv:3")
 
 
 def test_reads_generic_jsonl_any_number_of_choices(tmp_path):
     rows = [{"q": {"text": "pick one"}, "opts": ["x", "y", "z"], "answer": "2"}, {"q": {"text": "again"}, "opts": ["u", "v", "w"], "answer": 0}]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
     dm = dm_for(tmp_path, train_file=str(path), context_field="q.text", choices_field="opts", label_field="answer")
-    assert [(r["context"], r["choices"], r["label"]) for r in dm.raw["train"]] == [
+    assert [(r["context"], r["choices"], r["label"]) for r in parsed_rows(dm, "train")] == [
         ("pick one", ["x", "y", "z"], 2), ("again", ["u", "v", "w"], 0)]
     assert dm.num_choices == 3
 
 
 def test_predict_file_needs_no_label(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"ctx": "c", "endings": ["a", "b"]}])
-    assert "label" not in dm_for(tmp_path, predict_file=str(path), **GENERIC).raw["predict"][0]
+    assert "label" not in parsed_rows(dm_for(tmp_path, predict_file=str(path), **GENERIC), "predict")[0]
 
 
 BAD = {
@@ -108,14 +107,14 @@ def test_bad_inputs_name_file_and_line(case, tmp_path):
         path.write_text(content)
         dm = dm_for(tmp_path, train_file=str(path))
     with pytest.raises(TaskheadError, match=message):
-        dm.raw
+        dm.data_facts
 
 
 def test_choice_count_must_match_across_splits(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"ctx": "c", "endings": ["a", "b"], "label": 0}])
     test = write_jsonl(tmp_path / "test.jsonl", [{"ctx": "c", "endings": ["a", "b", "c"], "label": 0}])
     with pytest.raises(TaskheadError, match=r"test\.jsonl:1: 3 choices, but .*train\.jsonl:1 has 2"):
-        dm_for(tmp_path, train_file=str(train), test_file=str(test), **GENERIC).raw
+        dm_for(tmp_path, train_file=str(train), test_file=str(test), **GENERIC).data_facts
 
 
 # ---- encoding and padding -------------------------------------------------------------------------------------------

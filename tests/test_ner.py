@@ -32,7 +32,7 @@ from taskhead.tasks.ner_tags import (
     word_scores,
 )
 
-from conftest import ROOT, cli_args, run_taskhead
+from conftest import ROOT, cli_args, run_taskhead, parsed_rows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ner"
 NAMES = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
@@ -116,8 +116,8 @@ def test_reads_conll_files_and_converts(tiny_bert, tmp_path):
     assert [w for w, _ in sents] == [f"{path}:3", f"{path}:8", f"{path}:13"]
     dm = dm_for(tiny_bert, tmp_path, train_file=str(path), tag_scheme="iob1")
     assert dm.label_names == ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
-    assert [r["tokens"] for r in dm.raw["train"]] == [["EU", "rejects", "German"], ["Peter", "Blackburn"], ["Paris", "London"]]
-    names = [[dm.label_names[t] for t in r["tags"]] for r in dm.raw["train"]]
+    assert [r["tokens"] for r in parsed_rows(dm, "train")] == [["EU", "rejects", "German"], ["Peter", "Blackburn"], ["Paris", "London"]]
+    names = [[dm.label_names[t] for t in r["tags"]] for r in parsed_rows(dm, "train")]
     assert names == [["B-ORG", "O", "B-MISC"], ["B-PER", "I-PER"], ["B-LOC", "B-LOC"]]
     assert dm.converted["train"] == 4 and dm.label_counts == [1, 2, 0, 1, 0, 1, 0, 1, 1]
     # another tag column (the chunk tags here) and a label set with other types work unchanged
@@ -138,7 +138,7 @@ def test_hub_sequence_classlabel(tiny_bert, tmp_path):
         ds.to_parquet(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
     dm = dm_for(tiny_bert, tmp_path, dataset_name=str(tmp_path / "hub"))
     assert dm.label_names == names  # the Hub's order, not a sorted one
-    assert dm.raw["test"][0]["tags"] == [1, 2, 0, 3]
+    assert parsed_rows(dm, "test")[0]["tags"] == [1, 2, 0, 3]
 
 
 def test_alignment_first_subtoken(tiny_bert, tmp_path):

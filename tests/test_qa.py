@@ -26,7 +26,7 @@ from taskhead.tasks.qa_spans import (
     window_candidates,
 )
 
-from conftest import MINILM, cli_args, write_jsonl
+from conftest import MINILM, cli_args, write_jsonl, parsed_rows
 
 # 40 words that are one WordPiece each (checked below), so token positions can be worked out by hand
 WORDS = ("cat dog red blue green sun moon star tree lake river hill road town city house door wall roof floor bread milk "
@@ -86,7 +86,7 @@ def test_left_padding_collate_moves_labels(tiny_bert, tmp_path):
     for side in ("right", "left"):
         dm = dm_for(tiny_bert, tmp_path / side, train_file=train, validation_file=train)
         dm.tokenizer.padding_side = side
-        assert dm.raw["train"][0]["question"] == "where?"  # leading whitespace stripped
+        assert parsed_rows(dm, "train")[0]["question"] == "where?"  # leading whitespace stripped
         dm.setup("fit")
         batch = dm.collate([dm.datasets["train"][i] for i in range(2)])
         ids = batch["inputs"]["input_ids"]
@@ -227,7 +227,7 @@ def test_malformed_json_names_the_line(tiny_bert, tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('{"data": [\n{"title": "x",\n "paragraphs": [}\n]}')
     with pytest.raises(TaskheadError, match=r"bad.json:3: malformed JSON"):
-        dm_for(tiny_bert, tmp_path, train_file=str(p)).raw
+        dm_for(tiny_bert, tmp_path, train_file=str(p)).data_facts
 
 
 @pytest.mark.parametrize("qa, context, message", [
@@ -239,7 +239,7 @@ def test_malformed_json_names_the_line(tiny_bert, tmp_path):
 def test_bad_records_name_the_question(tiny_bert, tmp_path, qa, context, message):
     train = squad_json(tmp_path / "t.json", [(context, [qa])])
     with pytest.raises(TaskheadError, match=message):
-        dm_for(tiny_bert, tmp_path, train_file=train).raw
+        dm_for(tiny_bert, tmp_path, train_file=train).data_facts
 
 
 def test_fix_answer_offsets_takes_the_nearest_occurrence(tiny_bert, tmp_path, caplog):
@@ -248,9 +248,9 @@ def test_fix_answer_offsets_takes_the_nearest_occurrence(tiny_bert, tmp_path, ca
            {"id": "b", "question": "?", "answers": [{"text": "sea", "answer_start": 15}]}]
     train = squad_json(tmp_path / "t.json", [(context, qas)])
     with pytest.raises(TaskheadError, match="question a: answer 0 'blue' is not at answer_start 12"):
-        dm_for(tiny_bert, tmp_path, train_file=train).raw
+        dm_for(tiny_bert, tmp_path, train_file=train).data_facts
     dm = dm_for(tiny_bert, tmp_path, train_file=train, fix_answer_offsets=True)
-    assert [r["answers"]["answer_start"] for r in dm.raw["train"]] == [[10], [15]]
+    assert [r["answers"]["answer_start"] for r in parsed_rows(dm, "train")] == [[10], [15]]
     assert dm.offset_fixes["train"] == 1
 
 

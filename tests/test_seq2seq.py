@@ -20,7 +20,7 @@ from taskhead.tasks.seq2seq import GeneratedTexts, Seq2SeqModule, synced_gpus
 from taskhead.tasks.seq2seq_data import Seq2SeqDataModule, causal_example, chat_frame, parse_file_spec, read_parallel
 from taskhead.tasks.seq2seq_models import hit_limit
 
-from conftest import ROOT, run_taskhead, write_jsonl
+from conftest import ROOT, run_taskhead, write_jsonl, parsed_rows
 
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "red", "big", "ran", "home", "and", "small", "bird", "sang"]
 
@@ -96,7 +96,7 @@ def test_parallel_errors_name_the_files(tiny_bert, tmp_path):
     dm = dm_for(tiny_bert, tmp_path, source_field="translation.en", target_field="translation.ro", source_lang="en",
                 target_lang="ro", train_file=str(tmp_path / "t.en"))
     with pytest.raises(TaskheadError, match=r"t.en:2: field 'translation.ro' is empty"):
-        dm.raw
+        dm.data_facts
 
 
 @pytest.mark.slow
@@ -283,7 +283,7 @@ def test_generators_loss_and_generate(kind, tiny_bert, tiny_llama, tmp_path):
     m.eval()  # dropout off: generation is deterministic
     texts, lengths, hit = m.generate(batch["gen_inputs"])
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts) and all(0 <= n <= 5 for n in lengths)
-    single = m.predict_raw(m.tokenizer, [dm.raw["validation"][1]["source"]])
+    single = m.predict_raw(m.tokenizer, [parsed_rows(dm, "validation")[1]["source"]])
     assert single == [texts[[int(i) for i in batch["idx"]].index(1)]]  # raw text path == batch path (greedy/beam)
 
 

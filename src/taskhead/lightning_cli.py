@@ -22,6 +22,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,6 +133,7 @@ class EarlyStoppingConfig:
 class TaskheadCLI(LightningCLI):
     def __init__(self, *args: Any, args_list: list[str] | None = None, **kwargs: Any) -> None:
         self.argv = list(args_list or [])
+        self.model_facts: dict = {}  # label names and counts of the checkpoint that validate/test/predict evaluates
         self.run_location: tuple[str, str, str | None] | None = None  # (root, name, version) of this run
         with contextlib.ExitStack() as self.for_the_run:  # open while the subcommand runs (checkpoint_source)
             super().__init__(*args, args=args_list, **kwargs)
@@ -151,8 +153,17 @@ class TaskheadCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
         parser.link_arguments("data.init_args.problem_type", "model.init_args.problem_type")  # classification only
-        parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
-        parser.link_arguments("data.label_counts", "model.init_args.label_counts", apply_on="instantiate")
+        # the data module is connected to this run's stage first: it reads (and checks) only the splits the stage needs
+        parser.link_arguments("data", "model.init_args.label_names", compute_fn=partial(self._data_fact, "label_names"),
+                              apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.label_counts", compute_fn=partial(self._data_fact, "label_counts"),
+                              apply_on="instantiate")
+
+    def _data_fact(self, name: str, datamodule: TaskDataModule):
+        """``datamodule.<name>`` for the model, once the data module knows this run's stage and, evaluating a
+        checkpoint, the label set its model was trained with (then the training split need not exist any more)."""
+        datamodule.connect(self.subcommand or "fit", self.model_facts)
+        return getattr(datamodule, name)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -186,6 +197,7 @@ class TaskheadCLI(LightningCLI):
 
             ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             self.for_the_run.enter_context(checkpoint_source(ckpt))
+            self.model_facts = checkpoint_facts(ckpt)
         if sub in ("test", "validate") and not cfg.get("ckpt_path"):
             rank_zero_info(f"[{sub}] no --ckpt_path: evaluating the pretrained model as configured (a new head is untrained)")
 
@@ -304,6 +316,15 @@ class TaskheadCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:  # Lightning's own switch turns taskhead's checkpoints off too
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint | LastCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def checkpoint_facts(ckpt: dict) -> dict:
+    """The label names and counts a loaded checkpoint's model was trained with (its hparams); empty for a task without
+    a label set."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    if not hparams.get("label_names"):
+        return {}
+    return {"label_names": list(hparams["label_names"]), "label_counts": hparams.get("label_counts")}
 
 
 def type_name(cfg) -> str:

@@ -12,6 +12,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,6 +54,21 @@ def write_arrow(rows: Iterable[dict], path: Path, drop: tuple[str, ...] = ()):
             return None
         writer.close()
     return datasets.Dataset.from_file(str(path))
+
+
+def column_to_ids(ds, column: str, names: list[str]):
+    """``column`` of names (strings, or lists of strings) → their ids in ``names``, column-wise; the dataset is written
+    beside its own file and returned memory-mapped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = arrow_column(ds, column).combine_chunks()
+    lists = pa.types.is_list(col.type)
+    ids = pc.index_in(pc.list_flatten(col) if lists else col, value_set=pa.array(names)).cast(pa.int64())
+    if lists:
+        ids = pa.ListArray.from_arrays(pc.subtract(col.offsets, col.offsets[0]), ids)
+    table = ds.data.table.set_column(ds.column_names.index(column), column, ids)
+    return write_arrow_table(table, Path(ds.cache_files[0]["filename"]).with_suffix(".ids.arrow"))
 
 
 def write_arrow_table(table, path: Path):
@@ -134,11 +152,16 @@ def load_cached(file: Path):
     return None
 
 
-def input_rows(ds, model_input_names: list[str]) -> list[dict]:
-    """Per row of a tokenised predict split: ``{"id", input fields}`` (ids are stored JSON-encoded: string or line)."""
-    keep = [c for c in ds.column_names if c not in ENCODED and c not in model_input_names]
+def input_rows(ds, model_input_names: list[str], encoded: tuple[str, ...] = ()) -> list[dict]:
+    """Per example of a tokenised predict split: ``{"id", input fields}`` (ids are stored JSON-encoded: string or
+    line). A task whose examples become several rows (QA windows) gives the first row of each; ``encoded`` names the
+    task's own columns that tokenisation added."""
+    keep = [c for c in ds.column_names if c not in ENCODED and c not in model_input_names and c not in encoded]
+    _, first = np.unique(numpy_column(ds, "idx"), return_index=True)
+    if len(first) < len(ds):
+        ds = ds.select(first)
     rows = ds.select_columns(keep + ["_id"]).with_format("arrow")[:].to_pylist()
-    return [{"id": json.loads(r.pop("_id")), **r} for r in rows]
+    return [{"id": json.loads(r.pop("_id")), **{k: v for k, v in r.items() if k != "id"}} for r in rows]
 
 
 class Encoder:
@@ -149,11 +172,11 @@ class Encoder:
     def __init__(self, dm) -> None:
         self.dm = copy.copy(dm)
         self.dm.__dict__.update(trainer=None, datasets={}, parsed={}, predict_inputs=[])
-        self.dm.__dict__.pop("raw", None)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = self.dm.encode(batch)
-        out["idx"] = list(indices)
+        # ``idx`` goes in with the batch: a task whose examples become several rows (QA windows) repeats it per row
+        out = self.dm.encode({**batch, "idx": list(indices)})
+        out.setdefault("idx", list(indices))
         return out
 
 
@@ -179,3 +202,26 @@ def hold_out_indices(n: int, labels: np.ndarray | None, val_split: float, seed: 
                              "minimum number of groups for any class cannot be less than 2.") from None
         raise
     return np.sort(train), np.sort(test)
+
+
+def scratch_dir() -> Path:
+    """A new temporary directory for parsed splits, ``taskhead-parsed-<host>-<pid>-*`` in the system's temporary
+    directory (``TMPDIR``): not under ``cache_dir``, so a run stopped by a bad record or option leaves no output. A
+    process killed outright (SIGKILL, out of memory) cannot remove its own: the next run on the host removes those of
+    processes that are gone."""
+    host = socket.gethostname().replace("-", "_")
+    for old in Path(tempfile.gettempdir()).glob(f"taskhead-parsed-{host}-*-*"):
+        pid = old.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"taskhead-parsed-{host}-{os.getpid()}-"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

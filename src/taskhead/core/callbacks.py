@@ -129,7 +129,8 @@ class RunManifest(SaveConfigCallback):
             "platform": platform.platform(),
             "packages": package_versions(PACKAGES),
             "seed": self.config.get("seed_everything"),
-            "data_files": {s: {"path": str(p), "sha256": sha256_file(p)} for s, p in files.items()},
+            # a file this stage does not read may be gone (test/predict on a checkpoint whose train file was deleted)
+            "data_files": {s: {"path": str(p), "sha256": sha256_file(p) if Path(p).is_file() else None} for s, p in files.items()},
             "git_commit": {"cwd": git_commit(Path.cwd()), "taskhead": git_commit(Path(__file__).parent)},
             "config": self.parser.dump(self.config, skip_none=False),
         }

@@ -9,13 +9,15 @@ A task subclasses it and fills in four things, in the order data flows through t
 3. ``collate(features)``: pad one batch dynamically; returns ``{"inputs": {...}, ...}``.
 4. ``report_extra(split, ds)``: task lines for the data report (label balance, ...).
 
-Two ways from files to tokenised splits. The Arrow path (``arrow_native = True``; classification): each split is
-streamed record by record through ``read_file`` → ``parse_record`` → ``check_stream`` into a memory-mapped Arrow
-file, ``finish_split`` does column-wise work on it (label ids), and what the pass learnt (``facts``: label names,
-counts) is cached beside the tokenised splits, so a warm start reads no record at all. The records path
-(``core/records.py``; the other tasks until they move): every split as Python records, checked by ``check_splits``.
-Either way, cache keys come from each file's identity (path, size, mtime, first/last MiB) and the options, never
-from hashing the rows.
+No split is ever held as Python records. Each split is streamed record by record through ``read_file`` →
+``parse_record`` → ``check_stream`` (cross-record and cross-split checks, e.g. a label train never saw) into a
+memory-mapped Arrow file; ``finish_split`` does column-wise work on it (label ids), and what the pass learnt
+(``facts``: label names, counts, number of choices) is cached, so a warm start reads no record at all.
+
+A stage reads only the splits it needs (``STAGE_SPLITS``), plus train when the label set has to come from it. The
+CLI ``connect``s the DataModule to its stage before it builds the model, so every split the stage reads is checked
+before any output exists; evaluating a checkpoint, the model's own label set stands in for train (which may be gone).
+Cache keys come from each file's identity (path, size, mtime, first/last MiB) and the options, never from the rows.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from functools import cached_property
@@ -36,16 +37,16 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from taskhead.core.arrow import (Encoder, cache_key, file_identity, hold_out_indices, input_rows, load_cached, numpy_column, tokenise,
-                                 write_arrow)
+from taskhead.core.arrow import (Encoder, cache_key, file_identity, hold_out_indices, input_rows, load_cached, numpy_column,
+                                 scratch_dir, tokenise, write_arrow)
 from taskhead.core.pretrained import load_pretrained, load_tokenizer
 from taskhead.core.readers import read_records
-from taskhead.core.records import setup_records
 from taskhead.core.sources import hub_streams, load_hub, record_line
 from taskhead.core.sampling import LengthGroupedBatchSampler, SortedBatchSampler
 from taskhead.errors import TaskheadError, is_out_of_memory
 
 SPLITS = ("train", "validation", "test", "predict")
+STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
 # Options that change how batches are drawn, not what the tokenised data is: left out of the cache key.
 LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir"}
 
@@ -62,6 +63,7 @@ def package_version() -> str:
 class TaskDataModule(L.LightningDataModule):
     load_tokenizer = staticmethod(load_tokenizer)  # how ``tokenizer`` loads; generator tasks load theirs with a pad token
     stratify_column: str | None = None  # set by tasks whose held-out validation split should be stratified
+    encoded_columns: tuple[str, ...] = ()  # columns the task's ``encode`` adds beside the model inputs (not inputs)
 
     def __init__(
         self,
@@ -72,6 +74,9 @@ class TaskDataModule(L.LightningDataModule):
         validation_file: str | None = None,
         test_file: str | None = None,
         predict_file: str | None = None,
+        train_split: str = "train",
+        validation_split: str = "validation",
+        test_split: str = "test",
         val_split: float = 0.1,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
@@ -92,6 +97,9 @@ class TaskDataModule(L.LightningDataModule):
             validation_file: Local validation file. Without one, ``val_split`` of train is held out.
             test_file: Local test file.
             predict_file: Local file to predict on (labels not needed).
+            train_split: The Hub dataset's split used for training.
+            validation_split: The Hub dataset's split used for validation (MNLI: ``validation_matched``).
+            test_split: The Hub dataset's split used for testing (MNLI: ``test_matched``, which has no gold labels).
             val_split: Fraction of train held out for validation when no validation split exists (seeded).
             max_train_samples: Use a seeded random subset of this many training examples.
             max_eval_samples: Use a seeded random subset of this many validation and test examples.
@@ -112,9 +120,11 @@ class TaskDataModule(L.LightningDataModule):
         self._reported: set[str] = set()
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done in it), from a checkpoint
         self.predict_inputs: list[dict] = []  # per predict example: {"id", input fields}, for predictions.jsonl
-        self.parsed: dict[str, Any] = {}  # Arrow path: validated splits, memory-mapped from a temporary directory
+        self.parsed: dict[str, Any] = {}  # validated splits, memory-mapped from a temporary directory
         self._tmp: Path | None = None
         self._held_out: tuple[np.ndarray, np.ndarray] | None = None  # (train rows, validation rows) of the train split
+        self.stage: str | None = None  # set by ``connect``; None reads every split given
+        self.model_facts: dict = {}  # the evaluated checkpoint's label names and counts, set by ``connect``
 
     # ---- task hooks -------------------------------------------------------------------------------------------------
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
@@ -129,28 +139,24 @@ class TaskDataModule(L.LightningDataModule):
     def report_extra(self, split: str, ds) -> list[str]:
         return []
 
-    def check_splits(self, raw: dict[str, list[dict]]) -> None:
-        """Cross-split checks (e.g. a label in test that train never saw). Raise TaskheadError. Legacy path only."""
-
-    # The Arrow path (``arrow_native = True``): no split is held as Python records. Cross-split checks run in the
-    # streaming pass instead of ``check_splits``: splits arrive train first, each record through ``check_stream``
-    # (raise with its ``where``), each written split through ``finish_split`` (column-wise work, e.g. label ids).
-    arrow_native: bool = False
-
+    # Cross-record and cross-split checks run in the streaming pass: splits arrive train first, each record through
+    # ``check_stream`` (raise with its ``where``), each written split through ``finish_split`` (column-wise work).
     def check_stream(self, split: str, records: Iterator[dict]) -> Iterator[dict]:
-        """Check (and may rewrite) each parsed record of ``split`` as it streams past. Arrow path only."""
+        """Check (and may rewrite) each parsed record of ``split`` as it streams past."""
         return records
 
     def finish_split(self, split: str, ds):
-        """A split's parsed Arrow dataset, once written; return it (or a rewritten one). Arrow path only."""
+        """A split's parsed Arrow dataset, once written; return it (or a rewritten one)."""
         return ds
 
     def facts(self) -> dict:
-        """What the streaming pass learnt (label names, counts), JSON-able: cached so a warm start skips the pass."""
+        """What the streaming pass learnt (label names, counts), JSON-able: cached so a warm start skips the pass. A
+        task with a label set has ``label_names`` in it, None until a split (train) fixes them."""
         return {}
 
     def restore_facts(self, facts: dict) -> None:
-        """Take back what ``facts`` returned (a warm start: the same files passed the streaming pass before)."""
+        """Take back what ``facts`` returned (a warm start: the same files passed the streaming pass before; or the
+        label names and counts of the checkpoint being evaluated, which stand in for its training split)."""
 
     def read_file(self, path: str) -> Iterator[tuple[str, dict]]:
         """Yield ``(where, record)`` from a local file. Override for formats that are not JSONL/JSON/CSV/TSV
@@ -162,11 +168,20 @@ class TaskDataModule(L.LightningDataModule):
     @property
     def label_names(self) -> list[str] | None:
         """None: no label set. The CLI reads it (linked to ``model.label_names``) before it builds the model or the
-        trainer, so reading and checking every split here stops a bad file or option before any output is written."""
-        _ = self.data_facts if self.arrow_native else self.raw
+        trainer, so reading and checking every split of the stage here stops a bad file or option before any output
+        is written."""
+        _ = self.data_facts
         return None
 
     label_counts: list[int] | None = None
+
+    def connect(self, stage: str, model_facts: dict | None = None) -> None:
+        """The CLI, before it builds the model: the stage this run is for (only its splits are read, and train when
+        the label set must come from it) and, evaluating a checkpoint, the facts its model was trained with
+        (``label_names``, ``label_counts``), which then stand in for the training split."""
+        if "data_facts" in self.__dict__ and (stage, model_facts or {}) != (self.stage, self.model_facts):
+            del self.__dict__["data_facts"]
+        self.stage, self.model_facts = stage, dict(model_facts or {})
 
     # ---- loading ------------------------------------------------------------------------------------------------------
     @property
@@ -205,16 +220,24 @@ class TaskDataModule(L.LightningDataModule):
 
     # ---- what names the data: every cache key starts here --------------------------------------------------------------
     def _data_key(self) -> str:
-        """The data and every option that shapes it, without reading the rows: each local file's identity (path,
-        size, mtime, first and last MiB), the task class and version, the options (the Hub dataset among them) and
-        label names given in code (kept out of the hparams by the tasks). Computed once per DataModule."""
+        """The options that shape the data, without reading the rows: the task class and version, the options (the Hub
+        dataset among them, split files aside: each split's key adds its own file) and label names given in code (kept
+        out of the hparams by the tasks). Computed once per DataModule."""
         if "_data_key_value" in self.__dict__:
             return self.__dict__["_data_key_value"]
         options = {k: v for k, v in self.hparams.items() if k not in LOADER_OPTIONS and not k.endswith("_file")}
-        files = {s: file_identity(p) for s, p in self.data_files().items() if Path(p).is_file()}
-        key = cache_key(type(self).__qualname__, package_version(), options, files, getattr(self, "given_label_names", None))
+        key = cache_key(type(self).__qualname__, package_version(), options, getattr(self, "given_label_names", None))
         self.__dict__["_data_key_value"] = key
         return key
+
+    def _identity(self, split: str) -> Any:
+        """What names one split's rows: its local file's identity (a file that is gone: its path), or its Hub split."""
+        files = self.data_files()
+        if split in files:
+            parts = {k: p for k, p in files.items() if k == split or k.startswith(f"{split}+")}  # seq2seq's extra files
+            return {"given": self.hparams.get(f"{split}_file"),  # as given: seq2seq's record slice is part of it
+                    **{k: file_identity(p) if Path(p).is_file() else p for k, p in parts.items()}}
+        return [self.hparams.dataset_name, self.hparams.dataset_config, self._hub_split_names().get(split)]
 
     def _tokenizer_key(self) -> list:
         tok = self.tokenizer
@@ -225,16 +248,20 @@ class TaskDataModule(L.LightningDataModule):
     def _hub(self):
         return load_hub(self.hparams.dataset_name, self.hparams.dataset_config)
 
+    def _hub_split_names(self) -> dict[str, str]:
+        return {s: self.hparams[f"{s}_split"] for s in ("train", "validation", "test")}
+
     def _hub_sources(self) -> dict[str, Any]:
-        streams, self.hub_class_names = hub_streams(self._hub, self.hparams.dataset_name)
+        streams, self.hub_class_names = hub_streams(self._hub, self.hparams.dataset_name, self._hub_split_names())
         return streams
 
     def _sources(self) -> dict[str, Any]:
+        """Split → a function yielding ``(where, record)``: the Hub dataset's splits, then local files (which win).
+        A task may override it (seq2seq: record slices, extra training files)."""
         out = self._hub_sources() if self.hparams.dataset_name else {}
         for split, path in self.data_files().items():
             out[split] = lambda path=path: self.read_file(path)
-        # train first: it fixes the label set that the other splits are checked against
-        return {s: out[s] for s in sorted(out, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS))}
+        return out
 
     def _parsed_records(self, split: str, source) -> Iterator[dict]:
         for where, rec in source():
@@ -243,49 +270,58 @@ class TaskDataModule(L.LightningDataModule):
                 parsed["_id"] = rec.get("id", record_line(where)) if isinstance(rec, dict) else record_line(where)
             yield parsed
 
-    # ---- legacy path: every split as Python records (tasks whose cross-split checks still need lists) ------------------
-    @cached_property
-    def raw(self) -> dict[str, list[dict]]:
-        """Parsed, validated records of every available split (loaded once, on first use), after ``check_model``."""
-        if self.hparams.model_name_or_path:
-            self.check_model()
-        raw: dict[str, list[dict]] = {}
-        if self.hparams.dataset_name:
-            raw.update(self._load_hub())
-        for split, path in self.data_files().items():
-            raw[split] = list(self._parsed_records(split, lambda path=path: self.read_file(path)))
-            if not raw[split]:
-                raise TaskheadError(f"{path}: no records (empty file)")
-        if not raw:
-            raise TaskheadError("no data: set --data.dataset_name or at least one of --data.{train,validation,test,predict}_file")
-        self.check_splits(raw)
-        return raw
+    # ---- the streaming pass: each split the stage reads, checked into a memory-mapped file -----------------------------
+    def _reads(self, sources: dict[str, Any]) -> list[str]:
+        """The splits this stage reads, train first (it fixes the label set the others are checked against): the
+        stage's own (every split given when not connected), train to hold validation out of, and train for the label
+        set unless given, from the Hub's ClassLabel, or the evaluated checkpoint's. A missing split is an error here."""
+        if self.stage is None:
+            return [s for s in SPLITS if s in sources]
+        wanted = STAGE_SPLITS[self.stage]
+        held_out = "validation" in wanted and "validation" not in sources
+        if held_out and "train" not in sources:
+            raise TaskheadError("validation needs --data.validation_file or a train split to hold out from")
+        for split in wanted:
+            if split not in sources and not (split == "validation" and held_out):
+                raise TaskheadError(f"stage '{self.stage}' needs a {split} split: set --data.{split}_file (or a Hub dataset that has one)")
+        needs_labels = self._learns_labels and not self.model_facts.get("label_names")
+        reads = [s for s in wanted if s in sources]
+        if "train" in sources and "train" not in reads and (held_out or needs_labels):
+            reads.insert(0, "train")
+        return reads
 
-    def _load_hub(self) -> dict[str, list[dict]]:
-        return {split: [self.parse_record(rec, where, split) for where, rec in records()]
-                for split, records in self._hub_sources().items()}
-
-    # ---- Arrow path: each split streamed into a memory-mapped file, checked in the same pass -----------------------
     @cached_property
     def data_facts(self) -> dict:
-        """What the data tells the model (label names and counts), from one streaming pass over every split that also
-        validates every record. Restored from the cache instead when these exact files (and options) passed before."""
+        """What the data tells the model (label names and counts), from one streaming pass over the splits this stage
+        reads that also validates every record. Restored from the cache instead when these exact files (and options)
+        passed before."""
         if self.hparams.model_name_or_path:
             self.check_model()
         if not self.hparams.dataset_name and not self.data_files():
             raise TaskheadError("no data: set --data.dataset_name or at least one of --data.{train,validation,test,predict}_file")
-        facts_file = Path(self.hparams.cache_dir) / f"facts-{self._data_key()}.json"
-        if facts_file.is_file():
-            facts = json.loads(facts_file.read_text())
+        sources = self._sources()
+        if "_learns_labels" not in self.__dict__:  # asked before anything is restored or parsed: the task has a label
+            facts = self.facts()                    # set, and no option, Hub ClassLabel or checkpoint gives it
+            self._learns_labels = "label_names" in facts and facts["label_names"] is None
+        if self.model_facts:
+            self.restore_facts(self.model_facts)
+        reads = self._reads(sources)
+        self._facts_file = Path(self.hparams.cache_dir) / "facts-{}.json".format(
+            cache_key(self._data_key(), {s: self._identity(s) for s in reads}, self.model_facts))
+        if self._facts_file.is_file():
+            facts = json.loads(self._facts_file.read_text())
             self.restore_facts(facts)
             return facts
-        for split in self._sources():
-            self._parse_split(split)
-        return self.facts()
+        for split in reads:
+            if split not in self.parsed:  # parsed for an earlier stage of this DataModule already
+                self._parse_split(split)
+        facts = self.facts()
+        # what the data read here cannot tell (train's label counts, train being gone) the checkpoint's model does
+        return {**facts, **{k: v for k, v in self.model_facts.items() if facts.get(k) is None}}
 
     def _parse_split(self, split: str):
         if self._tmp is None:  # parsed splits live here until tokenised into the cache; gone with the DataModule
-            self._tmp = Path(tempfile.mkdtemp(prefix="taskhead-parsed-"))
+            self._tmp = scratch_dir()
             weakref.finalize(self, shutil.rmtree, str(self._tmp), ignore_errors=True)
         rows = self.check_stream(split, self._parsed_records(split, self._sources()[split]))
         if split == "predict":
@@ -302,6 +338,8 @@ class TaskDataModule(L.LightningDataModule):
         """The parsed rows of ``split`` this run uses: the seeded hold-out of train, then the seeded subset."""
         source = "train" if held_out and split in ("train", "validation") else split
         ds = self.parsed[source] if source in self.parsed else self._parse_split(source)
+        if ds is None:
+            raise TaskheadError(f"the {source} split has no usable rows")
         if held_out and split in ("train", "validation"):
             if self._held_out is None:
                 col = self.stratify_column
@@ -313,39 +351,6 @@ class TaskDataModule(L.LightningDataModule):
             ds = ds.select(np.sort(np.random.default_rng(self.hparams.seed).permutation(len(ds))[:limit]))
         return ds
 
-    def _setup_arrow(self, stage: str, wanted: list[str]) -> None:
-        facts = self.data_facts
-        sources = self._sources()
-        held_out = "validation" in wanted and "validation" not in sources
-        if held_out and "train" not in sources:
-            raise TaskheadError("validation needs --data.validation_file or a train split to hold out from")
-        for split in wanted:
-            if split not in sources and not (split == "validation" and held_out):
-                raise TaskheadError(f"stage '{stage}' needs a {split} split: set --data.{split}_file (or a Hub dataset that has one)")
-        cache = Path(self.hparams.cache_dir)
-        cache.mkdir(parents=True, exist_ok=True)
-        base = cache_key(self._data_key(), self._tokenizer_key(), {k: v for k, v in facts.items() if k != "held_out"})
-        for split in wanted:
-            file = cache / f"{split}-{cache_key(base, split)}.arrow"
-            ds = load_cached(file)
-            self.datasets[split] = ds if ds is not None else tokenise(Encoder(self), split, self._subset(split, held_out), file)
-        if held_out:
-            if self._held_out is not None:
-                facts["held_out"] = [len(self._held_out[1]), len(self._held_out[0]) + len(self._held_out[1])]
-            if "held_out" in facts:
-                how = f", stratified by {self.stratify_column}" if self.stratify_column else ""
-                rank_zero_info(f"No validation split given: held out {facts['held_out'][0]:,} of {facts['held_out'][1]:,} "
-                               f"training examples ({self.hparams.val_split:.0%}{how}, seed {self.hparams.seed}).")
-        facts_file = cache / f"facts-{self._data_key()}.json"
-        if not facts_file.is_file() or json.loads(facts_file.read_text()) != facts:
-            tmp = facts_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(facts))
-            os.replace(tmp, facts_file)
-        if "predict" in wanted:  # what predictions.jsonl repeats of each input: its id and its fields
-            self.predict_inputs = input_rows(self.datasets["predict"], self.tokenizer.model_input_names)
-        for split in wanted:
-            self._report(split)
-
     # ---- setup: split, subset, tokenise (cached) ----------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Under DDP, local rank 0 of each node tokenises what this stage needs into the cache while the other ranks
@@ -355,13 +360,37 @@ class TaskDataModule(L.LightningDataModule):
             self.setup(trainer.state.fn.value)
 
     def setup(self, stage: str) -> None:
-        wanted = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": ["predict"]}[stage]
-        wanted = [s for s in wanted if s not in self.datasets]  # built already (prepare_data on this rank)
+        wanted = [s for s in STAGE_SPLITS[stage] if s not in self.datasets]  # built already (prepare_data on this rank)
         if not wanted:
             return
-        if not self.arrow_native:
-            return setup_records(self, stage, wanted)
-        self._setup_arrow(stage, wanted)
+        if self.stage != stage:
+            self.connect(stage, self.model_facts)  # read what this stage needs (used without the CLI, or a new stage)
+        facts = self.data_facts  # every split the stage reads, checked; a missing one is an error there
+        held_out = "validation" in wanted and "validation" not in self._sources()
+        cache = Path(self.hparams.cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        for split in wanted:
+            source = "train" if held_out and split in ("train", "validation") else split
+            key = cache_key(self._data_key(), self._tokenizer_key(), self._identity(source), facts.get("label_names"), split)
+            file = cache / f"{split}-{key}.arrow"
+            ds = load_cached(file)
+            self.datasets[split] = ds if ds is not None else tokenise(Encoder(self), split, self._subset(split, held_out), file)
+        if held_out:
+            if self._held_out is not None:
+                facts["held_out"] = [len(self._held_out[1]), len(self._held_out[0]) + len(self._held_out[1])]
+            if "held_out" in facts:
+                how = f", stratified by {self.stratify_column}" if self.stratify_column else ""
+                rank_zero_info(f"No validation split given: held out {facts['held_out'][0]:,} of {facts['held_out'][1]:,} "
+                               f"training examples ({self.hparams.val_split:.0%}{how}, seed {self.hparams.seed}).")
+        facts_file = self._facts_file
+        if not facts_file.is_file() or json.loads(facts_file.read_text()) != facts:
+            tmp = facts_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(facts))
+            os.replace(tmp, facts_file)
+        if "predict" in wanted:  # what predictions.jsonl repeats of each input: its id and its fields
+            self.predict_inputs = input_rows(self.datasets["predict"], self.tokenizer.model_input_names, self.encoded_columns)
+        for split in wanted:
+            self._report(split)
 
     def _report(self, split: str) -> None:
         if split in self._reported:

@@ -9,8 +9,6 @@ from pathlib import Path
 from taskhead.core.pretrained import OFFLINE_HINT, hub_offline, hub_unreachable
 from taskhead.errors import TaskheadError
 
-HUB_SPLITS = ("train", "validation", "test")
-
 
 def record_line(where: str) -> int | str:
     """``path:12`` → 12 (the line a record starts on); ``where`` itself when it names no line."""
@@ -19,39 +17,62 @@ def record_line(where: str) -> int | str:
 
 
 def load_hub(name: str, config: str | None):
-    """``datasets.load_dataset(name, config)``, or one line saying why not (the Hub out of reach, no such dataset)."""
+    """``datasets.load_dataset(name, config)``, or one line saying why not (the Hub out of reach, no such dataset).
+    A dataset that needs a loading script (``eriktks/conll2003``; ``datasets`` >= 4 runs none) loads from the Parquet
+    export the Hub keeps of it."""
     import datasets
 
     if not hub_offline() and not Path(name).exists() and (why := hub_unreachable()):
         raise TaskheadError(f"dataset '{name}': the Hub is out of reach ({why}); {OFFLINE_HINT} "
                             "(a dataset already in the local cache loads with HF_HUB_OFFLINE=1)")
     try:
-        return datasets.load_dataset(name, config)
+        try:
+            return datasets.load_dataset(name, config)
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            return datasets.load_dataset(name, config, revision="refs/convert/parquet")
     except Exception as e:  # the Hub client raises many types; the user needs the first line only
         raise TaskheadError(f"could not load dataset '{name}' ({config}): {str(e).splitlines()[0]}") from None
 
 
-def hub_streams(dd, name: str) -> tuple[dict[str, Callable[[], Iterator[tuple[str, dict]]]], dict[str, list[str]]]:
-    """Per split of ``dd``: a function that yields ``("name[split] row i", record)`` with ClassLabel ids turned into
-    names (so local and Hub labels are handled alike), skipping test rows without gold labels (-1); plus the
-    ClassLabel names per column."""
+def class_label_columns(features) -> tuple[dict, dict]:
+    """The ClassLabel columns of a Hub split: ``({column: ClassLabel}, {column: ClassLabel of its items})``, the second
+    for sequences of labels (NER tags: ``Sequence(ClassLabel)``)."""
     import datasets
 
-    streams, class_names = {}, {}
-    for split in HUB_SPLITS:
-        if split not in dd:
-            continue
-        ds = dd[split]
-        class_labels = {c: f for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
-        class_names.update({c: f.names for c, f in class_labels.items()})
+    single = {c: f for c, f in features.items() if isinstance(f, datasets.ClassLabel)}
+    inner = {c: getattr(f, "feature", None) for c, f in features.items() if c not in single}
+    return single, {c: f for c, f in inner.items() if isinstance(f, datasets.ClassLabel)}
 
-        def records(ds=ds, split=split, class_labels=class_labels) -> Iterator[tuple[str, dict]]:
+
+def hub_streams(dd, name: str, split_names: dict[str, str] | None = None
+                ) -> tuple[dict[str, Callable[[], Iterator[tuple[str, dict]]]], dict[str, list[str]]]:
+    """Per split (``split_names``: ours → the dataset's, default train/validation/test): a function that yields
+    ``("name[split] row i", record)`` with ClassLabel ids turned into names, also inside sequences (so local and Hub
+    labels are handled alike), skipping test rows without gold labels (-1); plus the ClassLabel names per column."""
+    split_names = split_names or {s: s for s in ("train", "validation", "test")}
+    missing = [f"--data.{ours}_split {theirs}" for ours, theirs in split_names.items()
+               if theirs not in dd and theirs != ours]
+    if missing:  # a renamed split that is not there; the default names may be absent (held out, or no test)
+        raise TaskheadError(f"dataset '{name}' has no split for {', '.join(missing)}; its splits: {', '.join(dd)}")
+    streams, class_names = {}, {}
+    for split, hub_split in split_names.items():
+        if hub_split not in dd:
+            continue
+        ds = dd[hub_split]
+        single, sequences = class_label_columns(ds.features)
+        class_names.update({c: f.names for c, f in {**single, **sequences}.items()})
+
+        def records(ds=ds, split=split, hub_split=hub_split, single=single, sequences=sequences) -> Iterator[tuple[str, dict]]:
             for i, rec in enumerate(ds):  # one row at a time from the Hub's own memory-mapped Arrow
-                for c, f in class_labels.items():
+                for c, f in single.items():
                     rec[c] = f.int2str(rec[c]) if rec[c] >= 0 else None
-                if split == "test" and any(rec[c] is None for c in class_labels):
+                for c, f in sequences.items():
+                    rec[c] = [f.int2str(t) if t >= 0 else None for t in rec[c]]
+                if split == "test" and any(rec[c] is None for c in single):
                     continue  # Hub test splits without gold labels (label -1)
-                yield f"{name}[{split}] row {i}", rec
+                yield f"{name}[{hub_split}] row {i}", rec
 
         streams[split] = records
     return streams, class_names

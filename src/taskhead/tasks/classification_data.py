@@ -67,7 +67,6 @@ def label_ids(column, names: list[str]):
 
 class ClassificationDataModule(TaskDataModule):
     stratify_column = "label"
-    arrow_native = True  # splits streamed into Arrow; labels checked in the stream (check_stream / finish_split)
 
     def __init__(
         self,

@@ -7,12 +7,13 @@ encoded with the context truncated first, padded per batch to ``(batch, num_choi
 
 from __future__ import annotations
 
-from collections import Counter
 
+import numpy as np
 import torch
 from transformers import AutoModelForMultipleChoice
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from taskhead.core.arrow import numpy_column
 from taskhead.core.data import TaskDataModule
 from taskhead.core.heads import HeadConfig, pool
 from taskhead.core.losses import LossConfig
@@ -129,6 +130,9 @@ class MultipleChoiceDataModule(TaskDataModule):
         super().__init__(**kwargs)
         self.context_field, self.choices_field, self.label_field = context_field, choices_field, label_field
         self.save_hyperparameters()
+        self.num_choices: int | None = None  # fixed by the first example read
+        self._first_where: str | None = None
+        self._label_counts: list[int] | None = None
 
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
         context = get_text(rec, self.context_field, where)
@@ -141,32 +145,37 @@ class MultipleChoiceDataModule(TaskDataModule):
             out["label"] = parse_label(get_field(rec, self.label_field, where), len(choices), self.label_field, where)
         return out
 
+    def check_stream(self, split: str, records):
+        """Every example of every split read has as many choices as the first one read."""
+        for r in records:
+            if self.num_choices is None:
+                self.num_choices, self._first_where = len(r["choices"]), r["where"]
+            elif len(r["choices"]) != self.num_choices:
+                raise TaskheadError(
+                    f"{r['where']}: {len(r['choices'])} choices, but {self._first_where} has {self.num_choices}; "
+                    "every example of a dataset needs the same number of choices"
+                )
+            yield r
+
+    def finish_split(self, split: str, ds):
+        if "label" in ds.column_names and self._label_counts is None:  # the first labelled split read
+            self._label_counts = [int(c) for c in np.bincount(numpy_column(ds, "label"), minlength=self.num_choices)]
+        return ds
+
+    def facts(self) -> dict:
+        return {"num_choices": self.num_choices, "_first_where": self._first_where, "_label_counts": self._label_counts}
+
+    def restore_facts(self, facts: dict) -> None:
+        self.__dict__.update(facts)
+
     @property
     def label_counts(self) -> list[int] | None:
-        """Examples per gold position in the first labelled split (linked to ``model.label_counts``): one count per
+        """Examples per gold position in the first labelled split read (linked to ``model.label_counts``): one count per
         choice, so the model can check ``num_choices`` before training. None when no split has labels (predict)."""
-        labelled = next((rs for s in ("train", "validation", "test") if (rs := self.raw.get(s)) and "label" in rs[0]), None)
-        if labelled is None:
-            return None
-        counts = Counter(r["label"] for r in labelled)
-        return [counts.get(i, 0) for i in range(self.num_choices)]
-
-    def check_splits(self, raw: dict[str, list[dict]]) -> None:
-        """Every example of every split has the same number of choices; a Hub split without labels is dropped."""
-        for split in [s for s, records in raw.items() if not records]:
-            del raw[split]  # e.g. SWAG's Hub test split: every label is -1 (not public)
-        first = next((r for records in raw.values() for r in records), None)
-        if first is None:
+        facts = self.data_facts
+        if facts["num_choices"] is None:
             raise TaskheadError("no labelled examples in any split")
-        n = len(first["choices"])
-        for records in raw.values():
-            for r in records:
-                if len(r["choices"]) != n:
-                    raise TaskheadError(
-                        f"{r['where']}: {len(r['choices'])} choices, but {first['where']} has {n}; "
-                        "every example of a dataset needs the same number of choices"
-                    )
-        self.num_choices = n
+        return facts["_label_counts"]
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
         return encode_choices(self.tokenizer, batch["context"], batch["choices"], self.hparams.max_length)
@@ -188,8 +197,8 @@ class MultipleChoiceDataModule(TaskDataModule):
     def report_extra(self, split: str, ds) -> list[str]:
         lines = [f"{self.num_choices} choices per example"]
         if "label" in ds.column_names:
-            counts = Counter(ds["label"])
-            parts = [f"{i} {counts.get(i, 0) / len(ds):.1%}" for i in range(self.num_choices)]
+            counts = np.bincount(numpy_column(ds, "label"), minlength=self.num_choices)  # one Arrow read
+            parts = [f"{i} {c / len(ds):.1%}" for i, c in enumerate(counts.tolist())]
             lines.append("gold position: " + " / ".join(parts))
         return lines
 

@@ -15,9 +15,12 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Literal
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from transformers import AutoModelForTokenClassification
 
+from taskhead.core.arrow import arrow_column, column_to_ids, numpy_column
 from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
 from taskhead.core.heads import HeadConfig
@@ -52,6 +55,8 @@ from taskhead.tasks.ner_tags import (
 
 
 class NerDataModule(TaskDataModule):
+    encoded_columns = ("word_ids", "words_cut", "words_empty")
+
     def __init__(
         self,
         tag_scheme: Literal["iob1", "iob2", "bioes"] = "iob2",
@@ -82,44 +87,12 @@ class NerDataModule(TaskDataModule):
         self.tag_scheme, self.tag_column = tag_scheme, tag_column
         self.tokens_field, self.tags_field = tokens_field, tags_field
         self.given_label_names = list(label_names) if label_names else None
-        self.hub_tag_names: list[str] | None = None
         self.converted: Counter = Counter()  # split → tags rewritten by the IOB2 conversion
         self.save_hyperparameters(ignore=["label_names"])
 
     # -- reading ----------------------------------------------------------------------------------------------------
     def read_file(self, path: str) -> Iterator[tuple[str, dict]]:
         return read_ner_file(path)
-
-    def _load_hub(self) -> dict[str, list[dict]]:
-        """Like the base loader, but the tag column is a *sequence* of ClassLabel ids (eriktks/conll2003's
-        ``ner_tags``), which the base converts only for top-level ClassLabel columns."""
-        import datasets
-
-        name, config = self.hparams.dataset_name, self.hparams.dataset_config
-        try:
-            try:
-                dd = datasets.load_dataset(name, config)
-            except RuntimeError as e:  # datasets >= 4 runs no loading scripts (eriktks/conll2003 has one) ...
-                if "scripts are no longer supported" not in str(e):
-                    raise
-                # ... but the Hub keeps a Parquet export of such datasets
-                dd = datasets.load_dataset(name, config, revision="refs/convert/parquet")
-        except Exception as e:  # the Hub client raises many types; the user needs the first line only
-            raise TaskheadError(f"could not load dataset '{name}' ({config}): {str(e).splitlines()[0]}") from None
-        out = {}
-        for split in ("train", "validation", "test"):
-            if split not in dd:
-                continue
-            inner = getattr(dd[split].features.get(self.tags_field), "feature", None)
-            names = inner.names if isinstance(inner, datasets.ClassLabel) else None
-            self.hub_tag_names = names or self.hub_tag_names
-            recs = []
-            for i, rec in enumerate(dd[split]):
-                if names and self.tags_field in rec:
-                    rec[self.tags_field] = [names[t] for t in rec[self.tags_field]]
-                recs.append(self.parse_record(rec, f"{name}[{split}] row {i}", split))
-            out[split] = recs
-        return out
 
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
         """Validate one sentence → ``{"tokens", "tags" (IOB2 names), "where"}`` (+ text and word offsets to predict)."""
@@ -151,50 +124,71 @@ class NerDataModule(TaskDataModule):
         iob2 = to_iob2(tags)
         converted = sum(a != b for a, b in zip(tags, iob2))
         self.converted[split] += converted
-        # the file's own tags, kept (until check_splits) only to name them in an error
+        # the file's own tags, kept (until check_stream) only to name them in an error
         return {"tokens": tokens, "tags": iob2, "where": where, "lines": lines, "file_tags": tags if converted else None}
 
-    # -- label set --------------------------------------------------------------------------------------------------
-    def check_splits(self, raw: dict[str, list[dict]]) -> None:
-        """Fix the IOB2 label set (given, Hub ClassLabel, or from the training types) and map tags to ids."""
-        hub = self.hub_tag_names if self.hub_tag_names and is_iob2(self.hub_tag_names) else None
+    # -- label set: fixed before a split is read (given, Hub ClassLabel, the checkpoint's) or by train's types -------------
+    def _known_names(self) -> tuple[list[str] | None, str]:
+        """The IOB2 label set before a split is read, and what to call it in an error."""
+        hub = getattr(self, "hub_class_names", {}).get(self.tags_field)
+        hub = hub if hub and is_iob2(hub) else None
         if self.given_label_names or hub:
-            names = complete_label_names(self.given_label_names or hub)
-        else:
-            source = raw.get("train") or next((r for r in raw.values() if r and "tags" in r[0]), None)
-            if source is None:
-                raise TaskheadError("no tagged split to take the label set from: give a train/validation/test file "
-                                    "or --data.label_names (the model's id order, e.g. from the checkpoint's hparams.yaml)")
-            names = iob2_label_names({t[2:] for r in source for t in r["tags"] if t != "O"})
-        index = {n: i for i, n in enumerate(names)}
-        for records in raw.values():
-            for r in records:
-                lines, file_tags = r.pop("lines", None), r.pop("file_tags", None)
-                if "tags" not in r:
-                    continue
+            return complete_label_names(self.given_label_names or hub), "label_names"
+        names = getattr(self, "_label_names", None)
+        return names, ("the checkpoint's label_names" if self.model_facts.get("label_names") else "the training types")
+
+    def check_stream(self, split: str, records):
+        """Map every tag to its id as it streams past, naming the word of a tag outside the label set. The split that
+        fixes the set (train, or the first tagged split read) keeps tag names until ``finish_split``."""
+        names, known = self._known_names()
+        index = {n: i for i, n in enumerate(names)} if names else None
+        for r in records:
+            lines, file_tags = r.pop("lines", None), r.pop("file_tags", None)
+            if "tags" in r and index is not None:
                 for i, tag in enumerate(r["tags"]):
                     if tag not in index:
                         at = f"{r['where'].rsplit(':', 1)[0]}:{lines[i]}" if lines else f"{r['where']}, word {i + 1}"
-                        known = "label_names" if self.given_label_names or hub else "the training types"
                         was = file_tags[i] if file_tags else tag
                         read_as = f" (the file's {was!r}, read as {self.tag_scheme.upper()})" if was != tag else ""
                         raise TaskheadError(f"{at}: tag {tag!r} is not in {known} {names}{read_as}")
                 r["tags"] = [index[t] for t in r["tags"]]
+            yield r
+
+    def finish_split(self, split: str, ds):
+        """Fix the label set from the first tagged split read (``O`` + ``B-``/``I-`` of its types, sorted) and turn its
+        tag names into ids column-wise; count training tags."""
+        if "tags" not in ds.column_names:
+            return ds
+        names, _ = self._known_names()
+        if names is None:
+            names = iob2_label_names({t[2:] for t in pc.unique(pc.list_flatten(arrow_column(ds, "tags"))).to_pylist() if t != "O"})
+            ds = column_to_ids(ds, "tags", names)
         self._label_names = names
+        if split == "train":
+            self._label_counts = np.bincount(pc.list_flatten(arrow_column(ds, "tags")).to_numpy(), minlength=len(names)).tolist()
+        return ds
+
+    def facts(self) -> dict:
+        return {"label_names": self._known_names()[0], "label_counts": getattr(self, "_label_counts", None),
+                "converted": dict(self.converted)}
+
+    def restore_facts(self, facts: dict) -> None:
+        self._label_names, self._label_counts = facts["label_names"], facts.get("label_counts")
+        self.converted.update(facts.get("converted", {}))
 
     @property
     def label_names(self) -> list[str]:
         """IOB2 label names in id order (linked to ``model.label_names`` by the CLI)."""
-        _ = self.raw  # parsing the splits fixes the label set
-        return self._label_names
+        names = self.data_facts["label_names"]
+        if names is None:
+            raise TaskheadError("no tagged split to take the label set from: give a train/validation/test file "
+                                "or --data.label_names (the model's id order, e.g. from the checkpoint's hparams.yaml)")
+        return names
 
     @property
     def label_counts(self) -> list[int] | None:
         """Training words per label id (linked to ``model.label_counts``, for ``class_weights: balanced``)."""
-        if "train" not in self.raw:
-            return None
-        counts = Counter(t for r in self.raw["train"] for t in r["tags"])
-        return [counts.get(i, 0) for i in range(len(self.label_names))]
+        return self.data_facts["label_counts"]
 
     # -- tokenisation and batches -----------------------------------------------------------------------------------
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
@@ -237,11 +231,12 @@ class NerDataModule(TaskDataModule):
         if "tags" in ds.column_names:
             lines.append(f"tags read as {self.tag_scheme.upper()}, converted to IOB2 on load: "
                          f"{self.converted[split]:,} tags rewritten (I-X starting an entity → B-X, S/E → B/I)")
-            entities = Counter(self.label_names[t][2:] for tags in ds["tags"] for t in tags if self.label_names[t][:2] == "B-")
+            ids = np.bincount(pc.list_flatten(arrow_column(ds, "tags")).to_numpy(), minlength=len(self.label_names))
+            entities = {n[2:]: int(c) for n, c in zip(self.label_names, ids) if n[:2] == "B-" and c}
             lines.append("entities: " + " / ".join(f"{k} {v:,}" for k, v in sorted(entities.items())))
-        cut, empty = ds["words_cut"], ds["words_empty"]
-        lines.append(f"words past max_length {self.hparams.max_length}: {sum(cut):,} in {sum(c > 0 for c in cut):,} "
-                     f"sentences (kept, predicted O: their entities count as missed); words with no sub-token: {sum(empty):,}")
+        cut, empty = numpy_column(ds, "words_cut"), numpy_column(ds, "words_empty")
+        lines.append(f"words past max_length {self.hparams.max_length}: {int(cut.sum()):,} in {int((cut > 0).sum()):,} "
+                     f"sentences (kept, predicted O: their entities count as missed); words with no sub-token: {int(empty.sum()):,}")
         return lines
 
 

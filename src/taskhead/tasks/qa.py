@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from taskhead.core.arrow import numpy_column
 from taskhead.core.data import TaskDataModule
 from taskhead.core.export import batched_inference
 from taskhead.core.heads import HeadConfig
@@ -42,6 +43,8 @@ from taskhead.tasks.qa_spans import (
 
 
 class QADataModule(TaskDataModule):
+    encoded_columns = ("offsets", "start_positions", "end_positions", "answer_in_window")
+
     def __init__(self, max_length: int = 384, doc_stride: int = 128, fix_answer_offsets: bool = False, **kwargs) -> None:
         """Plus every option of ``TaskDataModule`` (files, batch size, ...). Files: SQuAD v1.1 JSON, or JSONL with
         ``id, question, context, answers`` (``answers`` not needed for prediction).
@@ -97,17 +100,28 @@ class QADataModule(TaskDataModule):
         out["answers"] = {"text": texts, "answer_start": starts}
         return out
 
-    def check_splits(self, raw: dict[str, list[dict]]) -> None:
-        for split, records in raw.items():
-            seen: dict[str, str] = {}
-            for r in records:
-                if r["id"] in seen:
-                    first = "" if seen[r["id"]] == r["where"] else f" (first at {seen[r['id']]})"
-                    raise TaskheadError(f"{r['where']}: question id {r['id']} repeats{first}; ids must be unique in a split")
-                seen[r["id"]] = r["where"]
-            if self.offset_fixes[split]:
-                rank_zero_info(f"[data] {split}: moved answer_start of {self.offset_fixes[split]:,} answers to the "
-                               "nearest occurrence of their text (--data.fix_answer_offsets)")
+    def check_stream(self, split: str, records):
+        """Question ids are unique in a split (the metric and the predictions are keyed by them)."""
+        seen: set[str] = set()
+        for r in records:
+            if r["id"] in seen:  # name the first occurrence too: found again by reading the split up to it
+                first = next(q["where"] for q in self._parsed_records(split, self._sources()[split]) if q["id"] == r["id"])
+                first = "" if first == r["where"] else f" (first at {first})"
+                raise TaskheadError(f"{r['where']}: question id {r['id']} repeats{first}; ids must be unique in a split")
+            seen.add(r["id"])
+            yield r
+
+    def finish_split(self, split: str, ds):
+        if self.offset_fixes[split]:
+            rank_zero_info(f"[data] {split}: moved answer_start of {self.offset_fixes[split]:,} answers to the "
+                           "nearest occurrence of their text (--data.fix_answer_offsets)")
+        return ds
+
+    def facts(self) -> dict:
+        return {"offset_fixes": dict(self.offset_fixes)}
+
+    def restore_facts(self, facts: dict) -> None:
+        self.offset_fixes.update(facts.get("offset_fixes", {}))
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
         tok, h = self.tokenizer, self.hparams
@@ -139,20 +153,22 @@ class QADataModule(TaskDataModule):
         return batch
 
     def report_extra(self, split: str, ds) -> list[str]:
-        lines = [f"{len(set(ds['idx'])):,} questions → {len(ds):,} windows (max_length {self.hparams.max_length}, "
-                 f"doc_stride {self.hparams.doc_stride})"]
+        lines = [f"{len(np.unique(numpy_column(ds, 'idx'))):,} questions → {len(ds):,} windows (max_length "
+                 f"{self.hparams.max_length}, doc_stride {self.hparams.doc_stride})"]
         if "answer_in_window" in ds.column_names:
-            lines.append(f"{np.mean(ds['answer_in_window']):.1%} of windows contain the (first) answer; the rest point at CLS")
+            lines.append(f"{numpy_column(ds, 'answer_in_window').mean():.1%} of windows contain the (first) answer; "
+                         "the rest point at CLS")
         return lines
 
     def predict_dataloader(self) -> DataLoader:
         world, rank = self._world()
         ds = self.datasets["predict"]
-        sampler = ExampleBatchSampler(ds["idx"], ds["length"], self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
-                                      num_replicas=world, rank=rank)
+        idx = numpy_column(ds, "idx")  # one Arrow read each, not a Python call per row
+        sampler = ExampleBatchSampler(idx.tolist(), numpy_column(ds, "length").tolist(),
+                                      self.hparams.eval_batch_size or 2 * self.hparams.batch_size, num_replicas=world, rank=rank)
         loader = self._loader("predict", sampler)
         # windows per question: predict_step answers a question once it has seen them all (some span several batches)
-        loader.collate_fn = partial(self.collate, windows=Counter(ds["idx"]))
+        loader.collate_fn = partial(self.collate, windows=Counter(idx.tolist()))
         return loader
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from taskhead.core.arrow import numpy_column
 from taskhead.core.data import SPLITS, TaskDataModule
 from taskhead.core.losses import IGNORE_INDEX
 from taskhead.core.readers import get_text, open_text, read_records
@@ -40,26 +43,34 @@ def parse_file_spec(spec: str) -> tuple[str, slice]:
 
 
 def read_parallel(source: str | Path, target: str | Path, source_lang: str, target_lang: str) -> Iterator[tuple[str, dict]]:
-    """Aligned text files, one segment a line → ``{"translation": {source_lang: ..., target_lang: ...}}`` (WMT shape).
+    """Aligned text files, one segment a line → ``{"translation": {source_lang: ..., target_lang: ...}}`` (WMT shape),
+    streamed line by line. Without the target file (predict) only the source side is yielded. Different line counts
+    are an error."""
+    src = open_text(Path(source))
+    tgt = open_text(Path(target)) if Path(target).is_file() else None
+    try:
+        n = 0
+        for n, line in enumerate(src, start=1):
+            pair = {source_lang: line.rstrip("\n").rstrip("\r")}
+            if tgt is not None:
+                other = next(tgt, None)
+                if other is None:
+                    _differ(source, n + sum(1 for _ in src), target, n - 1)
+                pair[target_lang] = other.rstrip("\n").rstrip("\r")
+            yield f"{source}:{n}", {"translation": pair}
+        if tgt is not None and (rest := sum(1 for _ in tgt)):
+            _differ(source, n, target, n + rest)
+    finally:
+        src.close()
+        if tgt is not None:
+            tgt.close()
 
-    Without the target file (predict) only the source side is yielded. Different line counts are an error.
-    """
-    src_lines = open_text(Path(source)).read().split("\n")
-    src_lines = src_lines[:-1] if src_lines and src_lines[-1] == "" else src_lines
-    tgt_lines = None
-    if Path(target).is_file():
-        tgt_lines = open_text(Path(target)).read().split("\n")
-        tgt_lines = tgt_lines[:-1] if tgt_lines and tgt_lines[-1] == "" else tgt_lines
-        if len(tgt_lines) != len(src_lines):
-            raise TaskheadError(
-                f"parallel files differ in length: {source} has {len(src_lines):,} lines, {target} has {len(tgt_lines):,}; "
-                "line i of one must translate line i of the other"
-            )
-    for i, line in enumerate(src_lines):
-        pair = {source_lang: line.rstrip("\r")}
-        if tgt_lines is not None:
-            pair[target_lang] = tgt_lines[i].rstrip("\r")
-        yield f"{source}:{i + 1}", {"translation": pair}
+
+def _differ(source, n_source: int, target, n_target: int):
+    raise TaskheadError(
+        f"parallel files differ in length: {source} has {n_source:,} lines, {target} has {n_target:,}; "
+        "line i of one must translate line i of the other"
+    )
 
 
 def chat_frame(tokenizer, prefix: str, separator: str) -> tuple[str, str]:
@@ -145,7 +156,7 @@ class Seq2SeqDataModule(TaskDataModule):
         self._specs: dict[str, str] = {}  # split key → the file spec as given (path[start:stop]), for messages
 
     def data_files(self) -> dict[str, str]:
-        """Split → file; extra training files are ``train+1``, ``train+2``, ... until ``check_splits`` merges them."""
+        """Split → file; extra training files are ``train+1``, ``train+2``, ..., read after ``train`` as one split."""
         files = {}
         for split in SPLITS:
             specs = [self.hparams[f"{split}_file"]] if self.hparams[f"{split}_file"] else []
@@ -155,10 +166,37 @@ class Seq2SeqDataModule(TaskDataModule):
                 key = split if n == 0 else f"{split}+{n}"
                 files[key], self._slices[key] = parse_file_spec(spec)
                 self._specs[key] = spec
-                target = self._parallel_target(files[key])
-                if split != "predict" and target is not None and not target.is_file():
-                    raise TaskheadError(f"{target}: file not found (the target side of {files[key]} for the {split} split)")
         return files
+
+    def _sources(self) -> dict:
+        """The base's sources with each file's record slice applied, and ``train+N`` read after ``train``."""
+        out = super()._sources()
+        for key in [k for k in out if k in self._slices]:
+            out[key] = partial(self._sliced, key, out[key])
+        extra = sorted((k for k in out if "+" in k), key=lambda k: int(k.split("+")[1]))
+        if extra:
+            parts = [out.pop(k) for k in ["train", *extra] if k in out]
+            out["train"] = lambda: (item for part in parts for item in part())
+        return out
+
+    def _sliced(self, key: str, source) -> Iterator[tuple[str, dict]]:
+        """The records of ``key``'s file in its slice, streamed (a negative bound counts the records first)."""
+        cut = self._slices[key]
+        if cut == slice(None):
+            yield from source()
+            return
+        start, stop, step = cut.start, cut.stop, cut.step
+        n = None
+        if (start or 0) < 0 or (stop or 0) < 0:
+            n = sum(1 for _ in source())
+            start, stop, step = cut.indices(n)
+        kept = 0
+        for item in islice(source(), start, stop, step):
+            kept += 1
+            yield item
+        if not kept:
+            n = n if n is not None else sum(1 for _ in source())
+            raise TaskheadError(f"{self._specs.get(key, key)}: the slice selects no records (the file has {n:,})")
 
     def _parallel_target(self, path: str) -> Path | None:
         """``x.<source_lang>`` → ``x.<target_lang>``; None for files that are not the source side of parallel text."""
@@ -170,7 +208,11 @@ class Seq2SeqDataModule(TaskDataModule):
         if lang and Path(path).suffix == f".{lang}":
             if not other:
                 raise TaskheadError(f"{path}: a parallel source file needs --data.target_lang")
-            return read_parallel(path, self._parallel_target(path), lang, other)
+            target = self._parallel_target(path)
+            split = next((k.split("+")[0] for k, p in self.data_files().items() if p == path), None)
+            if split != "predict" and not target.is_file():
+                raise TaskheadError(f"{target}: file not found (the target side of {path} for the {split} split)")
+            return read_parallel(path, target, lang, other)
         return read_records(path)
 
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
@@ -178,16 +220,6 @@ class Seq2SeqDataModule(TaskDataModule):
         if split != "predict":
             out["target"] = get_text(rec, self.hparams.target_field, where)
         return out
-
-    def check_splits(self, raw: dict[str, list[dict]]) -> None:
-        """Apply record slices, then append ``train+N`` to ``train``."""
-        for key in list(raw):
-            n = len(raw[key])
-            raw[key] = raw[key][self._slices.get(key, slice(None))]
-            if not raw[key]:
-                raise TaskheadError(f"{self._specs.get(key, key)}: the slice selects no records (the file has {n:,})")
-        for key in sorted(k for k in raw if "+" in k):
-            raw.setdefault(key.split("+")[0], []).extend(raw.pop(key))
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
         tok, hp = self.tokenizer, self.hparams
@@ -246,10 +278,10 @@ class Seq2SeqDataModule(TaskDataModule):
     def report_extra(self, split: str, ds) -> list[str]:
         if "target_full_length" not in ds.column_names:
             return []
-        full = np.asarray(ds["target_full_length"])
+        full = numpy_column(ds, "target_full_length")  # one Arrow read
         limit = self.hparams.max_target_length
         over = int((full > limit).sum())
-        unk = int(np.sum(ds["target_unk"])) / max(int(full.sum()), 1)
+        unk = int(numpy_column(ds, "target_unk").sum()) / max(int(full.sum()), 1)
         p50, p90 = np.percentile(full, [50, 90]).astype(int)
         lines = [f"targets: tokens p50 {p50} / p90 {p90} / max {full.max()}; {over:,} ({over / len(full):.1%}) longer than "
                  f"max_target_length {limit} (cut for the loss; metrics compare against the full reference)",
