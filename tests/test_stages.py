@@ -144,7 +144,7 @@ def test_warm_start_reads_no_record_for_every_task(task, tiny_bert, tmp_path, mo
     make = lambda: cls(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), batch_size=4, **options, **files)  # noqa: E731
     cold = make()
     cold.connect("fit")
-    facts = (cold.label_names, cold.label_counts)
+    facts = cold.model_args()
     caplog.set_level(logging.INFO)
     cold.setup("fit")
     report = [line for line in data_report(caplog) if "moved answer_start" not in line]  # said while reading (QA)
@@ -155,7 +155,7 @@ def test_warm_start_reads_no_record_for_every_task(task, tiny_bert, tmp_path, mo
     monkeypatch.setattr(cls, "read_file", no_reading)
     warm = make()
     warm.connect("fit")
-    assert (warm.label_names, warm.label_counts) == facts
+    assert warm.model_args() == facts
     warm.setup("fit")
     for split in ("train", "validation"):
         assert warm.datasets[split].to_dict() == cold.datasets[split].to_dict()

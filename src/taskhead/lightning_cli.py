@@ -22,7 +22,6 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +29,7 @@ import lightning as L
 import yaml
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -46,6 +45,8 @@ from taskhead.errors import TaskheadError
 DATASET_OPTIONS = ("dataset_name", "dataset_config", "train_file", "validation_file", "test_file", "predict_file",
                    "label_names")
 DEFAULT_ROOT_DIR = "runs"
+# The model's input format: set on the model, copied into the data module (TaskheadCLI._input_format)
+MODEL_FORMAT = ("architecture", "source_prefix", "separator", "chat_template", "doc_stride")
 
 
 class Trainer(L.Trainer):
@@ -72,6 +73,16 @@ def given_on_command_line(argv: list[str], key: str) -> bool:
     section, _, name = key.partition(".")
     forms = {f"--{key}", f"--{section}.init_args.{name}"} if name else {f"--{key}"}
     return any(arg.split("=", 1)[0] in forms for arg in argv)
+
+
+def init_defaults(class_path: str) -> dict[str, Any]:
+    """Default value of each ``__init__`` argument of the class at ``class_path``."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 def run_name_from_file(path: str) -> str:
@@ -153,17 +164,31 @@ class TaskheadCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
         parser.link_arguments("data.init_args.problem_type", "model.init_args.problem_type")  # classification only
-        # the data module is connected to this run's stage first: it reads (and checks) only the splits the stage needs
-        parser.link_arguments("data", "model.init_args.label_names", compute_fn=partial(self._data_fact, "label_names"),
-                              apply_on="instantiate")
-        parser.link_arguments("data", "model.init_args.label_counts", compute_fn=partial(self._data_fact, "label_counts"),
-                              apply_on="instantiate")
 
-    def _data_fact(self, name: str, datamodule: TaskDataModule):
-        """``datamodule.<name>`` for the model, once the data module knows this run's stage and, evaluating a
-        checkpoint, the label set its model was trained with (then the training split need not exist any more)."""
-        datamodule.connect(self.subcommand or "fit", self.model_facts)
-        return getattr(datamodule, name)
+    # ---- the one link from data to model ---------------------------------------------------------------------------
+    def instantiate_classes(self) -> None:
+        """The data module first, connected to this run's stage (it reads and checks only the splits the stage
+        needs; evaluating a checkpoint, its model's label set stands in for train). What it learnt from the data
+        (``model_args``: label names and counts, choices per example) fills those arguments of the model: the one
+        link from data to model, for only the arguments the task's module has. Then the model, trainer and callbacks
+        as Lightning builds them, with that data module."""
+        config = self.config.clone()  # self.config stays as parsed: config.yaml records what was asked for
+        cfg = config[self.subcommand]
+        datamodule = instantiate_class((), cfg.data.as_dict())
+        datamodule.connect(self.subcommand, self.model_facts)
+        model_args = cfg.model.init_args
+        for key, value in datamodule.model_args().items():
+            given = model_args.get(key)
+            if given is not None and value is not None and given != value:
+                raise TaskheadError(f"the data has {value} for model.{key} but --model.init_args.{key} is {given}: "
+                                    f"set it to {value}, or leave it out (the data sets it)")
+            model_args[key] = value if value is not None else given
+        cfg.data = datamodule  # jsonargparse keeps an instance as it is
+        self.config_init = self.parser.instantiate_classes(config)
+        self.datamodule = datamodule
+        self.model = self._get(self.config_init, "model")
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+        self.trainer = self.instantiate_trainer()
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -178,6 +203,7 @@ class TaskheadCLI(LightningCLI):
         if ckpt not in (None, "last", "best", "hpc") and "://" not in ckpt and not Path(ckpt).is_file():
             raise TaskheadError(f"{ckpt}: file not found (--ckpt_path)")  # before any run directory is made
         self._own_data(cfg)
+        self._input_format(cfg)
         self._max_steps(cfg)
         self._checkpoint_name(cfg)
         root = cfg.trainer.get("default_root_dir") or DEFAULT_ROOT_DIR
@@ -216,6 +242,20 @@ class TaskheadCLI(LightningCLI):
             rank_zero_info(f"[data] --data.train_file given: it defines the dataset; dropped from the config: {', '.join(dropped)}")
         if not given_on_command_line(self.argv, "name"):
             cfg.name = run_name_from_file(init.train_file)
+
+    def _input_format(self, cfg) -> None:
+        """The model owns its input format (the architecture, a source's prefix and separator, the chat template,
+        QA's window stride): the data module takes it from the model, so it is written once. A different value set
+        on the data side stops the run instead of becoming a second source of truth."""
+        model, data = cfg.model.init_args, cfg.data.init_args
+        defaults = init_defaults(cfg.data.class_path)
+        for key in MODEL_FORMAT:
+            if key not in model or key not in data:
+                continue
+            if data[key] != model[key] and data[key] != defaults.get(key):
+                raise TaskheadError(f"--data.{key} {data[key]!r} differs from --model.{key} {model[key]!r}: the model owns "
+                                    f"the input format; set it once, as model.{key}")
+            data[key] = model[key]
 
     def _max_steps(self, cfg) -> None:
         t = cfg.trainer

@@ -163,17 +163,13 @@ class TaskDataModule(L.LightningDataModule):
         (CoNLL columns, SQuAD JSON, parallel text files)."""
         return read_records(path)
 
-    # Data facts the CLI links into the model (``model.label_names``, ``model.label_counts``); None when the task
-    # has no label set. Tasks with labels override them as properties.
-    @property
-    def label_names(self) -> list[str] | None:
-        """None: no label set. The CLI reads it (linked to ``model.label_names``) before it builds the model or the
-        trainer, so reading and checking every split of the stage here stops a bad file or option before any output
-        is written."""
+    def model_args(self) -> dict:
+        """What only the data knows and the model is built from, by the model's argument names (label names and
+        counts, choices per example; nothing for tasks without a label set): the CLI passes it to the model's
+        constructor, the one link from data to model. Reading it reads and checks every split this stage needs, so a
+        bad file or option stops the run before any output is written. Tasks with such facts extend it."""
         _ = self.data_facts
-        return None
-
-    label_counts: list[int] | None = None
+        return {}
 
     def connect(self, stage: str, model_facts: dict | None = None) -> None:
         """The CLI, before it builds the model: the stage this run is for (only its splits are read, and train when

@@ -108,6 +108,9 @@ class ClassificationDataModule(TaskDataModule):
             out["label"] = check_label(get_field(rec, self.label_field, where), self.problem_type, self.label_field, where)
         return out
 
+    def model_args(self) -> dict:
+        return {"label_names": self.label_names, "label_counts": self.label_counts}
+
     @property
     def label_names(self) -> list[str] | None:
         """Label names in id order (linked to ``model.label_names`` by the CLI; None for regression); loading the

@@ -132,7 +132,6 @@ class MultipleChoiceDataModule(TaskDataModule):
         self.save_hyperparameters()
         self.num_choices: int | None = None  # fixed by the first example read
         self._first_where: str | None = None
-        self._label_counts: list[int] | None = None
 
     def parse_record(self, rec: dict, where: str, split: str) -> dict:
         context = get_text(rec, self.context_field, where)
@@ -157,25 +156,18 @@ class MultipleChoiceDataModule(TaskDataModule):
                 )
             yield r
 
-    def finish_split(self, split: str, ds):
-        if "label" in ds.column_names and self._label_counts is None:  # the first labelled split read
-            self._label_counts = [int(c) for c in np.bincount(numpy_column(ds, "label"), minlength=self.num_choices)]
-        return ds
-
     def facts(self) -> dict:
-        return {"num_choices": self.num_choices, "_first_where": self._first_where, "_label_counts": self._label_counts}
+        return {"num_choices": self.num_choices, "_first_where": self._first_where}
 
     def restore_facts(self, facts: dict) -> None:
         self.__dict__.update(facts)
 
-    @property
-    def label_counts(self) -> list[int] | None:
-        """Examples per gold position in the first labelled split read (linked to ``model.label_counts``): one count per
-        choice, so the model can check ``num_choices`` before training. None when no split has labels (predict)."""
+    def model_args(self) -> dict:
+        """Choices per example, from the data (every split read has as many)."""
         facts = self.data_facts
         if facts["num_choices"] is None:
-            raise TaskheadError("no labelled examples in any split")
-        return facts["_label_counts"]
+            raise TaskheadError("no examples in any split")
+        return {"num_choices": facts["num_choices"]}
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
         return encode_choices(self.tokenizer, batch["context"], batch["choices"], self.hparams.max_length)
@@ -254,9 +246,7 @@ class MultipleChoiceModule(TaskModule):
     def __init__(
         self,
         model_name_or_path: str,
-        num_choices: int = 4,
-        label_names: list[str] | None = None,
-        label_counts: list[int] | None = None,
+        num_choices: int | None = None,
         head: HeadConfig | None = None,
         loss: LossConfig | None = None,
         num_mistakes: int = 20,
@@ -267,27 +257,23 @@ class MultipleChoiceModule(TaskModule):
 
         Args:
             model_name_or_path: The pretrained backbone: Hub id, local directory, ``pkg:PACKAGE/dir``.
-            num_choices: Choices per example in the training/evaluation data; sizes the accuracy metrics and is
-                checked against every batch. The scorer itself handles any number (prediction accepts any).
-            label_names: Unused (choices have no label set); accepted because the CLI links it for every task.
-            label_counts: Examples per gold position (linked from the data): as many as the data has choices, which
-                must equal ``num_choices``.
+            num_choices: Choices per example; the CLI sets it from the data (every example has as many). Sizes the
+                accuracy metrics and is checked against every batch; prediction on raw input accepts any number.
             head: A custom per-choice scoring head; ``null`` keeps the backbone's own (``AutoModelForMultipleChoice``).
             loss: Loss over the choices of each example (cross-entropy, label smoothing allowed).
             num_mistakes: How many of the most confident test mistakes ``test`` writes out.
         """
         super().__init__(model_name_or_path, **kwargs)
+        if num_choices is None:
+            raise TaskheadError("model.num_choices is not set: give the number of choices per example (the CLI sets it "
+                                "from the data)")
         if num_choices < 2:
             raise TaskheadError(f"model.num_choices must be at least 2, got {num_choices}")
-        if label_counts is not None and len(label_counts) != num_choices:  # checked again on every batch (_scores)
-            raise TaskheadError(f"the data has {len(label_counts)} choices per example but --model.init_args.num_choices "
-                                f"is {num_choices}: set it to {len(label_counts)}")
         self.num_choices = num_choices
         self.head_cfg = as_config(HeadConfig, head)
         self.loss_cfg = as_config(LossConfig, loss) or LossConfig()
         self.num_mistakes = num_mistakes
-        self.save_task_hparams(num_choices=num_choices, label_names=label_names, label_counts=label_counts,
-                               head=self.head_cfg, loss=self.loss_cfg, num_mistakes=num_mistakes)
+        self.save_task_hparams(num_choices=num_choices, head=self.head_cfg, loss=self.loss_cfg, num_mistakes=num_mistakes)
         # head: null → the backbone's own head, e.g. BERT's pooler + dropout + Linear(hidden, 1); else ours per choice
         self.build_model(AutoModelForMultipleChoice, self.head_cfg, 1)
         self.set_loss(self.loss_cfg, None, num_choices)

@@ -176,6 +176,9 @@ class NerDataModule(TaskDataModule):
         self._label_names, self._label_counts = facts["label_names"], facts.get("label_counts")
         self.converted.update(facts.get("converted", {}))
 
+    def model_args(self) -> dict:
+        return {"label_names": self.label_names, "label_counts": self.label_counts}
+
     @property
     def label_names(self) -> list[str]:
         """IOB2 label names in id order (linked to ``model.label_names`` by the CLI)."""

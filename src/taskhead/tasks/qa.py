@@ -179,8 +179,6 @@ class QAModule(TaskModule):
     def __init__(
         self,
         model_name_or_path: str,
-        label_names: list[str] | None = None,
-        label_counts: list[int] | None = None,
         head: HeadConfig | None = None,
         max_length: int = 384,
         doc_stride: int = 128,
@@ -194,8 +192,6 @@ class QAModule(TaskModule):
 
         Args:
             model_name_or_path: The pretrained backbone: Hub id, local directory, ``pkg:PACKAGE/dir``.
-            label_names: Unused (QA has no label set); accepted because the CLI links it for every task.
-            label_counts: Unused, as ``label_names``.
             head: A custom per-token head giving start/end logits; ``null`` keeps ``AutoModelForQuestionAnswering``'s.
             max_length: Window length for raw-text prediction (linked from ``data.max_length``).
             doc_stride: Window overlap for raw-text prediction; keep it equal to ``data.doc_stride``.

@@ -98,8 +98,6 @@ class Seq2SeqModule(TaskModule):
         val_generate_samples: int | None = None,
         tie_encoder_decoder: bool = False,
         loss: LossConfig | None = None,
-        label_names: list[str] | None = None,
-        label_counts: list[int] | None = None,
         **kwargs,
     ) -> None:
         """The task's own options; the shared ones (optimizer, scheduler, peft, gradient_checkpointing,
@@ -120,8 +118,6 @@ class Seq2SeqModule(TaskModule):
             val_generate_samples: Generate on validation examples with index < this (None = all); loss uses all.
             tie_encoder_decoder: ``encoder_decoder`` only: share encoder and decoder weights (BERTShare).
             loss: Token cross-entropy (``label_smoothing`` allowed); class weights do not apply.
-            label_names: Unused (the CLI links it for every task).
-            label_counts: Unused (the CLI links it for every task).
         """
         super().__init__(model_name_or_path, **kwargs)
         if chat_template and architecture != "causal":
