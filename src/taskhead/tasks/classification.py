@@ -74,8 +74,8 @@ class ClassificationModule(TaskModule):
 
         Args:
             model_name_or_path: The pretrained backbone: Hub id, local directory, ``pkg:PACKAGE/dir``.
-            label_names: Label names in id order (linked from the data by the CLI); none for regression.
-            label_counts: Training examples per label (linked from the data; for ``class_weights: balanced``).
+            label_names: Label names in id order (the CLI sets it from the data); none for regression.
+            label_counts: Training examples per label (the CLI sets it from the data; for ``class_weights: balanced``).
             problem_type: ``single_label``, ``multi_label`` or ``regression`` (linked from ``data.problem_type``).
             threshold: multi_label: a label is predicted when its probability is at least this. ``auto``: after each
                 validation, the threshold (0.05 steps) with the best validation micro-F1 (logged as ``val/threshold``

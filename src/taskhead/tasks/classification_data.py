@@ -113,7 +113,7 @@ class ClassificationDataModule(TaskDataModule):
 
     @property
     def label_names(self) -> list[str] | None:
-        """Label names in id order (linked to ``model.label_names`` by the CLI; None for regression); loading the
+        """Label names in id order (passed to the model by ``model_args``; None for regression); loading the
         splits fixes them."""
         return self.data_facts["label_names"]
 

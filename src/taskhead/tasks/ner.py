@@ -181,7 +181,7 @@ class NerDataModule(TaskDataModule):
 
     @property
     def label_names(self) -> list[str]:
-        """IOB2 label names in id order (linked to ``model.label_names`` by the CLI)."""
+        """IOB2 label names in id order (passed to the model by ``model_args``)."""
         names = self.data_facts["label_names"]
         if names is None:
             raise TaskheadError("no tagged split to take the label set from: give a train/validation/test file "
@@ -190,7 +190,7 @@ class NerDataModule(TaskDataModule):
 
     @property
     def label_counts(self) -> list[int] | None:
-        """Training words per label id (linked to ``model.label_counts``, for ``class_weights: balanced``)."""
+        """Training words per label id (passed to the model by ``model_args``, for ``class_weights: balanced``)."""
         return self.data_facts["label_counts"]
 
     # -- tokenisation and batches -----------------------------------------------------------------------------------
@@ -265,8 +265,8 @@ class NerModule(TaskModule):
 
         Args:
             model_name_or_path: The pretrained backbone: Hub id, local directory, ``pkg:PACKAGE/dir``.
-            label_names: IOB2 label names in id order (linked from the data by the CLI).
-            label_counts: Training words per label (linked from the data; for ``class_weights: balanced``).
+            label_names: IOB2 label names in id order (the CLI sets it from the data).
+            label_counts: Training words per label (the CLI sets it from the data; for ``class_weights: balanced``).
             head: A custom per-token head (``pooling`` is unused); ``null`` keeps the backbone's token-classification
                 head (``AutoModelForTokenClassification``: pipeline-compatible export).
             loss: Loss function and its options (on first sub-tokens; -100 is ignored).
@@ -277,7 +277,7 @@ class NerModule(TaskModule):
         """
         super().__init__(model_name_or_path, **kwargs)
         if not label_names:
-            raise TaskheadError("model.label_names is empty: give tagged data or --data.label_names (the CLI links it to the model)")
+            raise TaskheadError("model.label_names is empty: give tagged data or --data.label_names (the CLI passes it to the model)")
         if decoding not in DECODINGS:
             raise TaskheadError(f"model.decoding must be one of {DECODINGS}, got {decoding!r}")
         self.label_names = list(label_names)
