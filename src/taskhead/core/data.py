@@ -6,8 +6,13 @@ A task subclasses it and fills in four things, in the order data flows through t
    (errors name ``where``, the file and line).
 2. ``encode(batch)``: tokenise a batch of parsed records (``datasets.map``, batched). Must return ``length``
    (tokens kept) and ``full_length`` (tokens before truncation) per example, for batching and the data report.
-3. ``collate(features)``: pad one batch dynamically; returns ``{"inputs": {...}, ...}``.
+3. ``collate(features)``: pad one batch dynamically; returns ``{"inputs": {...}, "stats": {...}, ...}``. ``stats`` is
+   part of the contract: ``{"samples", "tokens", "padded"}`` (examples, real tokens, tokens after padding; plain
+   ints counted on CPU), read by ``TaskModule`` (the batch size of logged losses) and by the ``Throughput`` callback
+   (tokens/s, padding share). ``pad_inputs`` returns both ``inputs`` and ``stats``.
 4. ``report_extra(split, ds)``: task lines for the data report (label balance, ...).
+5. ``model_args()``: what only the data knows and the model is built from (label names and counts, choices per
+   example), by the model's argument names; the CLI passes it to the model's constructor.
 
 No split is ever held as Python records. Each split is streamed record by record through ``read_file`` →
 ``parse_record`` → ``check_stream`` (cross-record and cross-split checks, e.g. a label train never saw) into a
