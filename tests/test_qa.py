@@ -116,6 +116,16 @@ def test_example_sampler_never_exceeds_the_batch_size():
     assert all(owner[examples[row]] == r for r, batches in enumerate(ranks) for b in batches for row in b)
 
 
+def test_example_sampler_gives_every_rank_the_same_number_of_batches():
+    # under FSDP every forward is a collective: a rank with fewer prediction batches would leave the others waiting.
+    # Question 0 has 4 windows (two batches of 2); six one-window questions follow: rank 0 would get 3 batches, rank 1 two
+    examples, lengths = [0, 0, 0, 0, 1, 2, 3, 4, 5, 6], [9, 9, 9, 9, 5, 5, 4, 4, 3, 3]
+    ranks = [list(ExampleBatchSampler(examples, lengths, batch_size=2, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    assert all(1 <= len(b) <= 2 for batches in ranks for b in batches)
+    assert sorted(row for batches in ranks for b in batches for row in b) == list(range(len(examples)))
+
+
 def test_predict_batches_split_long_contexts_and_answers_match_predict_raw(tiny_bert, tmp_path):
     """A context with more windows than an eval batch holds: batches stay within the size, and predict_step (which
     carries a question's candidates over to its next batch) gives the answers predict_raw gives on whole questions."""

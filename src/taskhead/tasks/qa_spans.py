@@ -117,7 +117,9 @@ class ExampleBatchSampler:
     """Prediction batches of at most ``batch_size`` windows that keep the windows of an example together (longest
     first), so ``predict_step`` finishes the examples it sees. An example with more windows than a batch holds fills
     consecutive batches of its own, whose candidates ``predict_step`` carries over. Ranks take every n-th group of
-    batches: all windows of an example stay on one rank."""
+    batches: all windows of an example stay on one rank. A rank with fewer batches than another splits its largest
+    ones (``equal_batch_count``): under a sharded strategy every forward is a collective, and a rank that stopped
+    early would leave the others waiting."""
 
     def __init__(self, examples: Sequence[int], lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0):
         groups: dict[int, list[int]] = {}
@@ -135,13 +137,28 @@ class ExampleBatchSampler:
                 cur = []
             cur += rows
         units += [[cur]] if cur else []
-        self.batches = [batch for unit in units[rank::num_replicas] for batch in unit]
+        shares = [[batch for unit in units[r::num_replicas] for batch in unit] for r in range(num_replicas)]
+        self.batches = equal_batch_count(shares[rank], max(len(share) for share in shares))
 
     def __iter__(self):
         yield from self.batches
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def equal_batch_count(batches: list[list[int]], target: int) -> list[list[int]]:
+    """``batches`` grown to ``target`` batches by halving the largest one, in place in the order (an example's windows
+    stay in sequence and ``predict_step`` answers an example once it has seen all of them). Stops early only when
+    every batch holds a single window: fewer windows on this rank than ``target``."""
+    batches = list(batches)
+    while len(batches) < target:
+        i = max(range(len(batches)), key=lambda j: len(batches[j]), default=None)
+        if i is None or len(batches[i]) < 2:
+            break
+        half = len(batches[i]) // 2
+        batches[i : i + 1] = [batches[i][:half], batches[i][half:]]
+    return batches
 
 
 # ---- post-processing ------------------------------------------------------------------------------------------------
