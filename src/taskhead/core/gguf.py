@@ -42,10 +42,12 @@ def gguf_cache_dir(gguf: Path) -> Path:
     return gguf_cache_root() / f"{gguf.stem}-{key}"
 
 
-def resolve_gguf(name_or_path: str) -> str:
-    """A ``.gguf`` file → its cached safetensors directory (converted on first use); anything else unchanged."""
-    if not name_or_path or not name_or_path.endswith(".gguf"):
-        return name_or_path
+def resolve_gguf(name_or_path: str | os.PathLike) -> str:
+    """A ``.gguf`` file → its cached safetensors directory (converted on first use); anything else unchanged (a path
+    object as its string)."""
+    if not name_or_path or not os.fspath(name_or_path).endswith(".gguf"):
+        return os.fspath(name_or_path) if name_or_path else name_or_path
+    name_or_path = os.fspath(name_or_path)
     gguf = gguf_file(name_or_path)
     out = gguf_cache_dir(gguf)
     if not (out / "config.json").is_file():
