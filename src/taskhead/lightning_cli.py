@@ -179,7 +179,9 @@ class TaskheadCLI(LightningCLI):
         model_args = cfg.model.init_args
         for key, value in datamodule.model_args().items():
             given = model_args.get(key)
-            if given is not None and value is not None and given != value:
+            # evaluating a checkpoint, ``given`` is its model's (Lightning reads the checkpoint's hparams into the
+            # config): the data's value goes in, and loading the checkpoint says what differs (e.g. label order)
+            if given is not None and value is not None and given != value and self.subcommand == "fit":
                 raise TaskheadError(f"the data has {value} for model.{key} but --model.init_args.{key} is {given}: "
                                     f"set it to {value}, or leave it out (the data sets it)")
             model_args[key] = value if value is not None else given
