@@ -1,0 +1,149 @@
+"""--data.streaming: the train split of a Hub dataset read as a ``datasets.IterableDataset`` (a local dataset directory
+is loaded by the same ``load_dataset(path, streaming=True)`` call a Hub id is), sharded per rank, length-grouped in a
+buffer, resumed exactly; and the options it cannot honour, refused in one line."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli_args, make_reviews, write_jsonl
+from taskhead.cli import main, run_cli
+from taskhead.core.streaming import StreamBatches, length_grouped
+from taskhead.errors import TaskheadError
+from taskhead.tasks.classification import ClassificationDataModule
+
+LABELS = ["neg", "pos"]
+
+
+def reviews(n: int, seed: int) -> list[dict]:
+    """Reviews of 5 to ~60 words, each named by a unique first word (``r<i>``) so a batch's rows can be told apart."""
+    rng = random.Random(seed)
+    rows = make_reviews(n, seed)
+    for i, r in enumerate(rows):
+        r["text"] = f"r{i} " + " ".join([r["text"]] * rng.randint(1, 4))
+    return rows
+
+
+def hub_dir(root: Path, train: list[dict], validation: list[dict] | None = None) -> str:
+    """A dataset directory as a Hub repo holds one (``data/<split>.jsonl``)."""
+    (root / "data").mkdir(parents=True)
+    write_jsonl(root / "data" / "train.jsonl", train)
+    if validation is not None:
+        write_jsonl(root / "data" / "validation.jsonl", validation)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory) -> str:
+    return hub_dir(tmp_path_factory.mktemp("hub"), reviews(96, 1), reviews(16, 2))
+
+
+def datamodule(tiny_bert, hub, tmp_path, **kw) -> ClassificationDataModule:
+    opts = dict(model_name_or_path=tiny_bert, dataset_name=hub, streaming=True, label_names=LABELS, batch_size=8,
+                cache_dir=str(tmp_path / "cache"), max_length=64)
+    return ClassificationDataModule(**{**opts, **kw})
+
+
+def texts(batch: list[dict]) -> list[str]:
+    return [e["text"].split()[0] for e in batch]
+
+
+def test_fit_streams_a_few_steps(tiny_bert, hub, tmp_path):
+    args = cli_args(tiny_bert, {}, tmp_path, "--data.dataset_name", hub, "--data.streaming", "true",
+                    "--data.label_names", "[neg, pos]", "--data.val_split", "0.5", "--trainer.max_steps", "3",
+                    "--trainer.val_check_interval", "2", "--data.batch_size", "8")
+    cli = run_cli(["fit", *args])
+    assert cli.trainer.global_step == 3
+    assert "val/acc" in cli.trainer.callback_metrics
+    assert cli.model.label_names == LABELS and cli.model.hparams.label_counts is None  # a stream is not counted
+    assert len(cli.datamodule.datasets["validation"]) == 16  # the dataset's own validation split, read as usual
+
+
+def test_batches_are_length_grouped_within_the_buffer(tiny_bert, hub, tmp_path):
+    def padding_share(group_by_length: bool) -> float:
+        dm = datamodule(tiny_bert, hub, tmp_path, group_by_length=group_by_length)
+        dm.setup("fit")
+        stats = [b["stats"] for b in itertools.islice(iter(dm.train_dataloader()), 12)]  # one pass: 96 / 8
+        return 1 - sum(s["tokens"] for s in stats) / sum(s["padded"] for s in stats)
+
+    grouped, shuffled = padding_share(True), padding_share(False)
+    assert grouped < 0.5 * shuffled, (grouped, shuffled)
+
+
+def test_length_grouped_sorts_each_mega_batch_and_shuffles_its_batches():
+    examples = [{"length": n} for n in [3, 9, 1, 7, 5, 2, 8, 4]]
+    orders = set()
+    for seed in range(8):
+        batches = [[e["length"] for e in b] for b in length_grouped(examples, 2, 4, np.random.default_rng(seed))]
+        assert sorted(batches[:2]) == [[3, 1], [9, 7]] and sorted(batches[2:]) == [[4, 2], [8, 5]]  # mega-batch by mega-batch
+        orders.add(tuple(map(tuple, batches)))
+    assert len(orders) > 1  # the batches of a mega-batch come in a shuffled order
+
+
+def test_two_ranks_see_disjoint_examples(tiny_bert, hub, tmp_path):
+    dm = datamodule(tiny_bert, hub, tmp_path)
+    dm.setup("fit")
+    seen = []
+    for rank in (0, 1):
+        batches = StreamBatches(dm.datasets["train"], "hub[train]", dm, 8, seed=42, num_replicas=2, rank=rank)
+        seen.append([t for b in itertools.islice(iter(batches), 6) for t in texts(b)])  # one pass: 48 rows per rank
+    assert len(set(seen[0])) == len(set(seen[1])) == 48
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == {f"r{i}" for i in range(96)}
+
+
+def test_resume_continues_exactly_where_it_stopped(tiny_bert, hub, tmp_path):
+    dm = datamodule(tiny_bert, hub, tmp_path)
+    dm.setup("fit")
+    straight = [texts(b) for b in itertools.islice(iter(StreamBatches(dm.datasets["train"], "h", dm, 8, 42)), 16)]
+    assert straight[12:] != straight[:4]  # the second pass is shuffled anew
+    dm.load_state_dict({"train_epoch": 0, "train_batches_done": 5})  # what a checkpoint after 5 batches holds
+    loader = dm.train_dataloader()
+    resumed = [b["text"] for b in itertools.islice(iter(loader), 11)]
+    assert [[t.split()[0] for t in b] for b in resumed] == straight[5:]
+
+
+def test_a_bad_record_names_its_row(tiny_bert, tmp_path):
+    rows = reviews(20, 3)
+    rows[13] = {"text": "", "label": "pos"}
+    dm = datamodule(tiny_bert, hub_dir(tmp_path / "bad", rows, reviews(4, 4)), tmp_path)
+    dm.setup("fit")
+    with pytest.raises(TaskheadError, match=r"bad\[train\] row 13: field 'text'"):
+        next(iter(dm.train_dataloader()))
+
+
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_refusals_are_one_line_each(tiny_bert, hub, tmp_path, capsys):
+    with pytest.raises(TaskheadError, match="set --data.dataset_name and no --data.train_file") as e:
+        ClassificationDataModule(train_file=str(tmp_path / "x.jsonl"), streaming=True)
+    one_line(e)
+    with pytest.raises(TaskheadError, match="set --data.num_workers 0, not 2") as e:
+        datamodule(tiny_bert, hub, tmp_path, num_workers=2)
+    one_line(e)
+    with pytest.raises(TaskheadError, match="give --data.label_names") as e:
+        datamodule(tiny_bert, hub, tmp_path, label_names=None).setup("fit")
+    one_line(e)
+    only_train = hub_dir(tmp_path / "only-train", reviews(8, 5))
+    with pytest.raises(TaskheadError, match="has no validation split and none is held out of a stream") as e:
+        datamodule(tiny_bert, only_train, tmp_path).setup("fit")
+    one_line(e)
+    base = cli_args(tiny_bert, {}, tmp_path, "--data.dataset_name", hub, "--data.streaming", "true",
+                    "--data.label_names", "[neg, pos]")
+    for extra, message in ([], "--data.streaming needs --trainer.max_steps"), \
+            (["--trainer.max_steps", "2", "--model.loss.class_weights", "balanced"],
+             "balanced needs training label counts (no train split was loaded, or --data.streaming"):
+        with pytest.raises(SystemExit) as e:
+            main(["fit", *base, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err
