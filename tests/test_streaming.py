@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from lightning.pytorch.callbacks import Callback
+
 from conftest import cli_args, make_reviews, write_jsonl
+from test_faults import last_checkpoint
 from taskhead.cli import main, run_cli
 from taskhead.core.streaming import StreamBatches, length_grouped
 from taskhead.errors import TaskheadError
@@ -65,6 +68,22 @@ def test_fit_streams_a_few_steps(tiny_bert, hub, tmp_path):
     assert len(cli.datamodule.datasets["validation"]) == 16  # the dataset's own validation split, read as usual
 
 
+def test_the_label_set_comes_from_the_hubs_class_label(tiny_bert, tmp_path):
+    import datasets
+
+    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["pos", "neg"])})
+    (tmp_path / "cl" / "data").mkdir(parents=True)
+    for split, seed in (("train", 1), ("validation", 2)):
+        rows = [{"text": r["text"], "label": ["pos", "neg"].index(r["label"])} for r in reviews(24, seed)]
+        datasets.Dataset.from_list(rows, features=feats).to_parquet(tmp_path / "cl" / "data" / f"{split}-00000-of-00001.parquet")
+    dm = datamodule(tiny_bert, str(tmp_path / "cl"), tmp_path, label_names=None)
+    dm.setup("fit")
+    assert dm.label_names == ["pos", "neg"]  # the ClassLabel's order, not sorted
+    batch = next(iter(dm.train_dataloader()))
+    truth = {r["text"].split()[0]: ["pos", "neg"].index(r["label"]) for r in reviews(24, 1)}
+    assert batch["labels"].tolist() == [truth[t.split()[0]] for t in batch["text"]]
+
+
 def test_batches_are_length_grouped_within_the_buffer(tiny_bert, hub, tmp_path):
     def padding_share(group_by_length: bool) -> float:
         dm = datamodule(tiny_bert, hub, tmp_path, group_by_length=group_by_length)
@@ -107,6 +126,38 @@ def test_resume_continues_exactly_where_it_stopped(tiny_bert, hub, tmp_path):
     loader = dm.train_dataloader()
     resumed = [b["text"] for b in itertools.islice(iter(loader), 11)]
     assert [[t.split()[0] for t in b] for b in resumed] == straight[5:]
+
+
+class StopAtStep(Callback):
+    """Stop the run with an error once ``global_step`` reaches ``step`` (a crash after the last checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError("stopped")
+
+
+def test_fit_resumed_from_last_checkpoint_matches_an_uninterrupted_run(tiny_bert, hub, tmp_path):
+    def args(root: Path) -> list[str]:
+        return cli_args(tiny_bert, {}, root, "--data.dataset_name", hub, "--data.streaming", "true",
+                        "--data.label_names", "[neg, pos]", "--data.batch_size", "8", "--trainer.max_steps", "16",
+                        "--trainer.val_check_interval", "8", "--last_checkpoint.every_n_steps", "5",
+                        "--model.optimizer.lr", "3e-3", "--model.scheduler.warmup_ratio", "0")
+
+    run_cli(["fit", *args(tmp_path / "straight")])
+    stop = '{"class_path": "test_streaming.StopAtStep", "init_args": {"step": 7}}'
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_cli(["fit", *args(tmp_path / "stopped"), f"--trainer.callbacks+={stop}"])
+    at_stop = last_checkpoint(tmp_path / "stopped")
+    data_state, = (v for k, v in at_stop.items() if k.endswith("DataModule"))
+    assert at_stop["global_step"] == 5 and data_state == {"train_epoch": 0, "train_batches_done": 5}
+    run_cli(["fit", *args(tmp_path / "stopped"), "--ckpt_path", "last"])  # 12 batches a pass: resumes in the 1st pass
+    resumed, reference = last_checkpoint(tmp_path / "stopped"), last_checkpoint(tmp_path / "straight")
+    assert resumed["global_step"] == reference["global_step"] == 16  # into the second, reshuffled pass
+    for name, value in reference["state_dict"].items():  # the same batches in the same order: the same weights
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_bad_record_names_its_row(tiny_bert, tmp_path):
