@@ -69,9 +69,10 @@ class StreamBatches(torch.utils.data.IterableDataset):
         while parsed := list(itertools.islice(rows, chunk)):
             columns = {k: [r[k] for r in parsed] for k in parsed[0] if k != "where"}
             out = self.encoder(columns, list(range(seen, seen + len(parsed))))  # idx: the example's place in the pass
-            seen += len(parsed)
-            yield from ({k: v[i] for k, v in out.items()} | {k: columns[k][i] for k in columns if k not in out}
+            # a row per encoded example (QA: per window, each with its example's idx), beside its parsed fields
+            yield from ({k: v[i] for k, v in out.items()} | {k: c[out["idx"][i] - seen] for k, c in columns.items() if k not in out}
                         for i in range(len(out["length"])))
+            seen += len(parsed)
 
     def __iter__(self) -> Iterator[list[dict]]:
         from datasets.distributed import split_dataset_by_node
