@@ -198,3 +198,4 @@ def test_refusals_are_one_line_each(tiny_bert, hub, tmp_path, capsys):
             main(["fit", *base, *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "runs").exists()  # refused before any run directory

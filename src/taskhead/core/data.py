@@ -49,6 +49,8 @@ SPLITS = ("train", "validation", "test", "predict")
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
 # Options that change how batches are drawn, not what the tokenised data is: left out of the cache key.
 LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir"}
+STREAMING_NEEDS_MAX_STEPS = ("--data.streaming needs --trainer.max_steps: a stream has no length to end an epoch or "
+                             "size the learning-rate schedule by")
 
 
 def package_version() -> str:
@@ -530,8 +532,7 @@ class TaskDataModule(L.LightningDataModule):
                                 "--data.label_names (or use a dataset whose label column is a ClassLabel)")
         trainer = self.trainer
         if trainer is not None and trainer.max_steps in (None, -1):
-            raise TaskheadError("--data.streaming needs --trainer.max_steps: a stream has no length to end an epoch or "
-                                "size the learning-rate schedule by")
+            raise TaskheadError(STREAMING_NEEDS_MAX_STEPS)
 
     def _train_stream(self):
         self._check_streaming(False, False)  # the trainer is known by now
