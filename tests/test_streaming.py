@@ -199,3 +199,47 @@ def test_refusals_are_one_line_each(tiny_bert, hub, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and message in err[0], err
         assert not (tmp_path / "runs").exists()  # refused before any run directory
+
+
+def other_tasks(root: Path) -> dict[str, tuple[type, str, dict]]:
+    """Per task: its DataModule, a streamed dataset directory (NER: Parquet with ``Sequence(ClassLabel)`` tags) and
+    options."""
+    import datasets
+
+    from taskhead.tasks.multiple_choice import MultipleChoiceDataModule
+    from taskhead.tasks.ner import NerDataModule
+    from taskhead.tasks.qa import QADataModule
+    from taskhead.tasks.seq2seq_data import Seq2SeqDataModule
+
+    tags = datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]))
+    ner = [{"tokens": ["Ann", "lives", "in", "Paris", f"x{i}"], "ner_tags": [1, 0, 0, 3, 0]} for i in range(24)]
+    (root / "ner" / "data").mkdir(parents=True)
+    for split, rows in (("train", ner), ("validation", ner[:4])):
+        datasets.Dataset.from_list(rows, features=datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                                                     "ner_tags": tags})
+                                   ).to_parquet(root / "ner" / "data" / f"{split}-00000-of-00001.parquet")
+    qa = [{"id": f"q{i}", "question": "who?", "context": f"Ann met Bob {i} times. " * 6,
+           "answers": {"text": ["Bob"], "answer_start": [8]}} for i in range(24)]
+    mc = [{"ctx": f"c {i}", "endings": ["a", "b", "c"], "label": i % 3} for i in range(24)]
+    s2s = [{"document": f"long text number {i}", "summary": f"text {i}"} for i in range(24)]
+    return {
+        "ner": (NerDataModule, str(root / "ner"), {}),
+        "qa": (QADataModule, hub_dir(root / "qa", qa, qa[:4]), {"max_length": 32, "doc_stride": 8}),  # 3 windows each
+        "mc": (MultipleChoiceDataModule, hub_dir(root / "mc", mc, mc[:4]), {"context_field": "ctx", "choices_field": "endings"}),
+        "seq2seq": (Seq2SeqDataModule, hub_dir(root / "s2s", s2s, s2s[:4]), {"architecture": "encoder_decoder"}),
+    }
+
+
+@pytest.mark.parametrize("task", ["ner", "qa", "mc", "seq2seq"])
+def test_every_task_streams_batches(task, tiny_bert, tmp_path):
+    cls, path, kw = other_tasks(tmp_path)[task]
+    dm = cls(model_name_or_path=tiny_bert, dataset_name=path, streaming=True, batch_size=4, cache_dir=str(tmp_path / "c"), **kw)
+    dm.model_args()
+    dm.setup("fit")
+    if task == "ner":
+        assert dm.label_names == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]  # from the stream's Sequence(ClassLabel)
+    batches = list(itertools.islice(iter(dm.train_dataloader()), 6))
+    target = "start_positions" if task == "qa" else "labels"
+    assert all(b["inputs"]["input_ids"].shape[0] == 4 and b[target].shape[0] == 4 for b in batches)
+    if task == "qa":  # every window keeps its own question's fields
+        assert all(f"Bob {q[1:]} times" in c for b in batches for q, c in zip(b["id"], b["context"]))
