@@ -47,8 +47,9 @@ from taskhead.errors import TaskheadError, is_out_of_memory
 
 SPLITS = ("train", "validation", "test", "predict")
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
-# Options that change how batches are drawn, not what the tokenised data is: left out of the cache key.
-LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir"}
+# Options that change how batches are drawn, not what the tokenised data is: left out of the cache key (a streamed
+# train split is never cached; validation and test are the same rows either way).
+LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir", "streaming"}
 STREAMING_NEEDS_MAX_STEPS = ("--data.streaming needs --trainer.max_steps: a stream has no length to end an epoch or "
                              "size the learning-rate schedule by")
 
