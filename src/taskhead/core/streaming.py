@@ -1,6 +1,6 @@
 """``--data.streaming``: training batches from a Hub split read as a ``datasets.IterableDataset``, never written to disk.
 
-The stream, per rank (and per DataLoader worker): ``split_dataset_by_node`` (whole shards per rank when their number
+The stream, per rank: ``split_dataset_by_node`` (whole shards per rank when their number
 allows, else every ``world``-th row), ``shuffle`` (shard order and a ``SHUFFLE_BUFFER``-row buffer, seeded by
 ``seed`` + pass) → the task's ``parse_record`` and ``check_stream`` (a bad record stops the run naming its row) →
 mega-batches of ``batch_size * MEGA_BATCH_MULT`` examples tokenised at once by the task's ``encode``, sorted by length,
