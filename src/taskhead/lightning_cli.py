@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from taskhead.core.callbacks import (AtomicCheckpointIO, LastCheckpoint, RunArtifacts, RunManifest, Throughput,
                                      ValidateAtMaxSteps, sha256_file)
-from taskhead.core.data import TaskDataModule
+from taskhead.core.data import STREAMING_NEEDS_MAX_STEPS, TaskDataModule
 from taskhead.core.export import checkpoint_source
 from taskhead.core.module import TaskModule
 from taskhead.core.precision import bf16_warning, choose_precision
@@ -207,6 +207,8 @@ class TaskheadCLI(LightningCLI):
         self._own_data(cfg)
         self._input_format(cfg)
         self._max_steps(cfg)
+        if sub == "fit" and cfg.data.init_args.get("streaming") and cfg.trainer.get("max_steps") in (None, -1):
+            raise TaskheadError(STREAMING_NEEDS_MAX_STEPS)  # before any run directory is made (the data module checks too)
         self._checkpoint_name(cfg)
         root = cfg.trainer.get("default_root_dir") or DEFAULT_ROOT_DIR
         name = cfg.get("name") or type_name(cfg)

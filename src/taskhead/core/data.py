@@ -52,8 +52,11 @@ from taskhead.errors import TaskheadError, is_out_of_memory
 
 SPLITS = ("train", "validation", "test", "predict")
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
-# Options that change how batches are drawn, not what the tokenised data is: left out of the cache key.
-LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir"}
+# Options that change how batches are drawn, not what the tokenised data is: left out of the cache key (a streamed
+# train split is never cached; validation and test are the same rows either way).
+LOADER_OPTIONS = {"batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache_dir", "streaming"}
+STREAMING_NEEDS_MAX_STEPS = ("--data.streaming needs --trainer.max_steps: a stream has no length to end an epoch or "
+                             "size the learning-rate schedule by")
 
 
 def package_version() -> str:
@@ -92,6 +95,7 @@ class TaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         cache_dir: str = ".cache/taskhead",
+        streaming: bool = False,
     ) -> None:
         """
         Args:
@@ -115,11 +119,27 @@ class TaskDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes.
             seed: Seed for the validation hold-out, subsets and batch order.
             cache_dir: Where tokenised splits are cached (keyed by content, tokenizer and options).
+            streaming: Stream the Hub dataset's train split instead of downloading it (larger than the disk): read
+                per rank with ``split_dataset_by_node``, shuffled in a 10,000-row buffer, tokenised on the fly and
+                length-grouped within mega-batches (``core/streaming.py``); validation and test are read as usual.
+                Needs ``--data.dataset_name`` (local files are memory-mapped without it), ``--trainer.max_steps``
+                (the stream repeats, reshuffled, until then), a validation split of the dataset (none is held out),
+                ``num_workers 0`` and the label set from the Hub's ClassLabel or ``--data.label_names`` (label counts
+                stay unknown: no ``class_weights: balanced``). ``max_train_samples`` takes the stream's first rows.
+                A resumed run continues exactly: it skips the batches it trained on, reading them again. A bad record
+                is named by its row in the stream its rank reads (the dataset's row on one rank of a one-shard
+                dataset).
         """
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 < val_split < 1.0:
             raise TaskheadError(f"--data.val_split must be in (0, 1), got {val_split}")
+        if streaming and (not dataset_name or train_file):
+            raise TaskheadError("--data.streaming streams a Hub dataset's train split: set --data.dataset_name and no "
+                                "--data.train_file (local files are memory-mapped without streaming)")
+        if streaming and num_workers:
+            raise TaskheadError(f"--data.streaming reads and tokenises in the training process: set --data.num_workers 0, "
+                                f"not {num_workers}")
         self._tokenizer = None
         self.datasets: dict[str, Any] = {}
         self._reported: set[str] = set()
@@ -247,7 +267,7 @@ class TaskDataModule(L.LightningDataModule):
     # ---- sources: (where, record) streams per split, Hub first, local files win ---------------------------------------
     @cached_property
     def _hub(self):
-        return load_hub(self.hparams.dataset_name, self.hparams.dataset_config)
+        return load_hub(self.hparams.dataset_name, self.hparams.dataset_config, streaming=self.hparams.streaming)
 
     def _hub_split_names(self) -> dict[str, str]:
         return {s: self.hparams[f"{s}_split"] for s in ("train", "validation", "test")}
@@ -287,6 +307,9 @@ class TaskDataModule(L.LightningDataModule):
                 raise TaskheadError(f"stage '{self.stage}' needs a {split} split: set --data.{split}_file (or a Hub dataset that has one)")
         needs_labels = self._learns_labels and not self.model_facts.get("label_names")
         reads = [s for s in wanted if s in sources]
+        if self.hparams.streaming and "train" in reads:
+            self._check_streaming(held_out, needs_labels)
+            return [s for s in reads if s != "train"]  # the stream is read as it trains
         if "train" in sources and "train" not in reads and (held_out or needs_labels):
             reads.insert(0, "train")
         return reads
@@ -371,6 +394,9 @@ class TaskDataModule(L.LightningDataModule):
         cache = Path(self.hparams.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
         for split in wanted:
+            if split == "train" and self.hparams.streaming:
+                self.datasets["train"] = self._train_stream()
+                continue
             source = "train" if held_out and split in ("train", "validation") else split
             key = cache_key(self._data_key(), self._tokenizer_key(), self._identity(source), facts.get("label_names"), split)
             file = cache / f"{split}-{key}.arrow"
@@ -398,6 +424,10 @@ class TaskDataModule(L.LightningDataModule):
             return
         self._reported.add(split)
         ds = self.datasets[split]
+        if split == "train" and self.hparams.streaming:
+            rank_zero_info(f"[data] train: streamed from {self.hparams.dataset_name}[{self.hparams.train_split}] "
+                           "(lengths, truncation and labels are not known ahead)")
+            return
         full = numpy_column(ds, "full_length")  # one Arrow read, not a Python call per row
         p50, p90, p99 = np.percentile(full, [50, 90, 99]).astype(int)
         trunc = float((full > self.hparams.max_length).mean())
@@ -452,6 +482,8 @@ class TaskDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["train"]
         world, rank = self._world()
+        if self.hparams.streaming:
+            return self._stream_loader(ds, world, rank)
         if self.hparams.group_by_length:
             sampler = LengthGroupedBatchSampler(numpy_column(ds, "length"), self.hparams.batch_size, self.hparams.seed, num_replicas=world, rank=rank)
         else:  # plain shuffling: a mega-batch of one batch sorts nothing across batches
@@ -495,3 +527,32 @@ class TaskDataModule(L.LightningDataModule):
         mask = inputs["attention_mask"]
         stats = {"samples": len(features), "tokens": int(mask.sum()), "padded": mask.numel()}
         return {"inputs": dict(inputs), "stats": stats}
+
+    # ---- --data.streaming: the train split as a Hub stream (core/streaming.py) ----------------------------------------
+    def _check_streaming(self, held_out: bool, needs_labels: bool) -> None:
+        if held_out:
+            raise TaskheadError(f"--data.streaming: dataset '{self.hparams.dataset_name}' has no validation split and "
+                                "none is held out of a stream; set --data.validation_split or --data.validation_file")
+        if needs_labels and getattr(self, "problem_type", None) != "regression":  # a regression score has no label set
+            raise TaskheadError("--data.streaming: the label set cannot be read from a stream ahead of training; give "
+                                "--data.label_names (or use a dataset whose label column is a ClassLabel)")
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps in (None, -1):
+            raise TaskheadError(STREAMING_NEEDS_MAX_STEPS)
+
+    def _train_stream(self):
+        self._check_streaming(False, False)  # the trainer is known by now
+        stream = self._hub[self.hparams.train_split]
+        n = self.hparams.max_train_samples
+        return stream.take(n) if n is not None else stream
+
+    def _stream_loader(self, stream, world: int, rank: int) -> DataLoader:
+        import torch
+
+        from taskhead.core.streaming import StreamBatches
+
+        resume_at, self._resume_at = self._resume_at, None  # the stream never ends its epoch: batches done count
+        batches = StreamBatches(stream, f"{self.hparams.dataset_name}[{self.hparams.train_split}]", self,
+                                self.hparams.batch_size, self.hparams.seed, self.hparams.group_by_length,
+                                num_replicas=world, rank=rank, skip=resume_at[1] if resume_at else 0)
+        return DataLoader(batches, batch_size=None, collate_fn=self.collate, pin_memory=torch.cuda.is_available())

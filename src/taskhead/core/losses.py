@@ -72,7 +72,8 @@ def class_weights(cfg: LossConfig, label_counts: Sequence | None, num_labels: in
         return None
     if cfg.class_weights == "balanced":
         if not label_counts:
-            raise TaskheadError("loss.class_weights: balanced needs training labels (no train split was loaded)")
+            raise TaskheadError("loss.class_weights: balanced needs training label counts (no train split was loaded, "
+                                "or --data.streaming, which cannot count a stream ahead)")
         counts = torch.tensor(label_counts, dtype=torch.float)
         if counts.ndim == 2:  # (labels, [negatives, positives])
             return counts[:, 0] / counts[:, 1].clamp(min=1)

@@ -16,10 +16,11 @@ def record_line(where: str) -> int | str:
     return int(tail) if tail.isdigit() else str(where)
 
 
-def load_hub(name: str, config: str | None):
+def load_hub(name: str, config: str | None, streaming: bool = False):
     """``datasets.load_dataset(name, config)``, or one line saying why not (the Hub out of reach, no such dataset).
     A dataset that needs a loading script (``eriktks/conll2003``; ``datasets`` >= 4 runs none) loads from the Parquet
-    export the Hub keeps of it."""
+    export the Hub keeps of it. ``streaming``: an ``IterableDatasetDict`` whose splits are read as they are
+    iterated (nothing downloaded ahead; ``--data.streaming``)."""
     import datasets
 
     if not hub_offline() and not Path(name).exists() and (why := hub_unreachable()):
@@ -27,11 +28,11 @@ def load_hub(name: str, config: str | None):
                             "(a dataset already in the local cache loads with HF_HUB_OFFLINE=1)")
     try:
         try:
-            return datasets.load_dataset(name, config)
+            return datasets.load_dataset(name, config, streaming=streaming)
         except RuntimeError as e:
             if "scripts are no longer supported" not in str(e):
                 raise
-            return datasets.load_dataset(name, config, revision="refs/convert/parquet")
+            return datasets.load_dataset(name, config, revision="refs/convert/parquet", streaming=streaming)
     except Exception as e:  # the Hub client raises many types; the user needs the first line only
         raise TaskheadError(f"could not load dataset '{name}' ({config}): {str(e).splitlines()[0]}") from None
 
@@ -41,9 +42,20 @@ def class_label_columns(features) -> tuple[dict, dict]:
     for sequences of labels (NER tags: ``Sequence(ClassLabel)``)."""
     import datasets
 
+    features = features or {}  # a streamed split whose features are not known ahead (JSON)
     single = {c: f for c, f in features.items() if isinstance(f, datasets.ClassLabel)}
     inner = {c: getattr(f, "feature", None) for c, f in features.items() if c not in single}
     return single, {c: f for c, f in inner.items() if isinstance(f, datasets.ClassLabel)}
+
+
+def hub_record(rec: dict, single: dict, sequences: dict) -> dict:
+    """A Hub row with its ClassLabel ids turned into names (-1, no gold label: None), also inside sequences, so local
+    and Hub labels are handled alike (``class_label_columns`` gives ``single`` and ``sequences``)."""
+    for c, f in single.items():
+        rec[c] = f.int2str(rec[c]) if rec[c] >= 0 else None
+    for c, f in sequences.items():
+        rec[c] = [f.int2str(t) if t >= 0 else None for t in rec[c]]
+    return rec
 
 
 def hub_streams(dd, name: str, split_names: dict[str, str] | None = None
@@ -65,11 +77,8 @@ def hub_streams(dd, name: str, split_names: dict[str, str] | None = None
         class_names.update({c: f.names for c, f in {**single, **sequences}.items()})
 
         def records(ds=ds, split=split, hub_split=hub_split, single=single, sequences=sequences) -> Iterator[tuple[str, dict]]:
-            for i, rec in enumerate(ds):  # one row at a time from the Hub's own memory-mapped Arrow
-                for c, f in single.items():
-                    rec[c] = f.int2str(rec[c]) if rec[c] >= 0 else None
-                for c, f in sequences.items():
-                    rec[c] = [f.int2str(t) if t >= 0 else None for t in rec[c]]
+            for i, rec in enumerate(ds):  # one row at a time from the Hub's own memory-mapped Arrow (or its stream)
+                rec = hub_record(rec, single, sequences)
                 if split == "test" and any(rec[c] is None for c in single):
                     continue  # Hub test splits without gold labels (label -1)
                 yield f"{name}[{hub_split}] row {i}", rec

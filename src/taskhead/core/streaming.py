@@ -1,0 +1,88 @@
+"""``--data.streaming``: training batches from a Hub split read as a ``datasets.IterableDataset``, never written to disk.
+
+The stream, per rank: ``split_dataset_by_node`` (whole shards per rank when their number
+allows, else every ``world``-th row), ``shuffle`` (shard order and a ``SHUFFLE_BUFFER``-row buffer, seeded by
+``seed`` + pass) → the task's ``parse_record`` and ``check_stream`` (a bad record stops the run naming its row) →
+mega-batches of ``batch_size * MEGA_BATCH_MULT`` examples tokenised at once by the task's ``encode``, sorted by length,
+cut into batches whose order is shuffled (``LengthGroupedBatchSampler``'s scheme, inside the buffer).
+
+The stream repeats, a new shuffle each pass, so training ends at ``--trainer.max_steps`` and every rank runs the same
+number of steps. Everything is seeded, so the batches are a pure function of (seed, rank, world): a resumed run skips
+the batches it had trained on (re-reading and re-tokenising them, not training on them) and continues exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from taskhead.core.arrow import Encoder
+from taskhead.core.sources import class_label_columns, hub_record
+
+SHUFFLE_BUFFER = 10_000  # rows in datasets' shuffle buffer (before length grouping)
+MEGA_BATCH_MULT = 50  # batches per length-sorted mega-batch, as LengthGroupedBatchSampler
+
+
+def length_grouped(examples: Iterable[dict], batch_size: int, mega_batch: int, rng: np.random.Generator
+                   ) -> Iterator[list[dict]]:
+    """Batches of similar length: each run of ``mega_batch`` examples sorted longest first, cut into batches of
+    ``batch_size``, yielded in a shuffled order. ``mega_batch == batch_size`` sorts nothing across batches."""
+    examples = iter(examples)
+    while mega := list(itertools.islice(examples, mega_batch)):
+        mega.sort(key=lambda e: -e["length"])  # stable: ties keep their (shuffled) order
+        batches = [mega[i : i + batch_size] for i in range(0, len(mega), batch_size)]
+        for b in rng.permutation(len(batches)):
+            yield batches[b]
+
+
+class StreamBatches(torch.utils.data.IterableDataset):
+    """The training batches of one rank from a streamed split: lists of encoded examples for the task's ``collate``
+    (use with ``DataLoader(batch_size=None, num_workers=0)``: a worker would read the whole stream again). Endless:
+    pass after pass over the stream, each shuffled anew.
+
+    Args:
+        stream: The split, a ``datasets.IterableDataset`` (rows as the Hub gives them).
+        where: How rows are named in errors, e.g. ``name[train]``: ``f"{where} row {i}"``.
+        dm: The task's DataModule (parse_record, check_stream, encode; a trainer-less copy is kept).
+        skip: Batches to skip at the start (a resumed run: the ones this rank trained on before).
+    """
+
+    def __init__(self, stream, where: str, dm, batch_size: int, seed: int, group_by_length: bool = True,
+                 num_replicas: int = 1, rank: int = 0, skip: int = 0) -> None:
+        self.stream, self.where, self.encoder = stream, where, Encoder(dm)
+        self.batch_size, self.seed, self.group_by_length = batch_size, seed, group_by_length
+        self.num_replicas, self.rank, self.skip = num_replicas, rank, skip
+
+    def _examples(self, part, epoch: int) -> Iterator[dict]:
+        """One pass over ``part`` (this rank's share): parsed, checked and encoded, one mega-batch at a time."""
+        dm = self.encoder.dm
+        single, sequences = class_label_columns(self.stream.features or {})
+        part = part.shuffle(seed=self.seed, buffer_size=SHUFFLE_BUFFER)
+        part.set_epoch(epoch)
+        records = (dm.parse_record(hub_record(rec, single, sequences), f"{self.where} row {rec.pop('_row')}", "train")
+                   for rec in part)
+        rows = dm.check_stream("train", records)
+        chunk, seen = self.batch_size * MEGA_BATCH_MULT, 0
+        while parsed := list(itertools.islice(rows, chunk)):
+            columns = {k: [r[k] for r in parsed] for k in parsed[0] if k != "where"}
+            out = self.encoder(columns, list(range(seen, seen + len(parsed))))  # idx: the example's place in the pass
+            # a row per encoded example (QA: per window, each with its example's idx), beside its parsed fields
+            yield from ({k: v[i] for k, v in out.items()} | {k: c[out["idx"][i] - seen] for k, c in columns.items() if k not in out}
+                        for i in range(len(out["length"])))
+            seen += len(parsed)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        from datasets.distributed import split_dataset_by_node
+
+        # rows numbered before the split: the dataset's own row when ranks take every n-th row (few shards), else the
+        # row within this rank's shards
+        rows = self.stream.map(lambda _, i: {"_row": i}, batched=True, with_indices=True)
+        part = split_dataset_by_node(rows, rank=self.rank, world_size=self.num_replicas)
+        mega = self.batch_size * (MEGA_BATCH_MULT if self.group_by_length else 1)
+        batches = (batch for epoch in itertools.count()
+                   for batch in length_grouped(self._examples(part, epoch), self.batch_size, mega,
+                                               np.random.default_rng([self.seed, self.rank, epoch])))
+        return itertools.islice(batches, self.skip, None)
