@@ -98,3 +98,19 @@ def test_seq2seq_export_and_test_without_the_base_model(arch, request, pair_file
     proc = run_taskhead("test", "--ckpt_path", str(ckpt), "--data.test_file", pair_files["test"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "newly initialised" not in proc.stderr + proc.stdout
+
+
+def test_hparams_of_an_older_taskhead_still_build_their_task():
+    # checkpoints and exports written before the one data→model link carry label_names/label_counts for every task
+    from taskhead.tasks.multiple_choice import MultipleChoiceModule
+    from taskhead.tasks.qa import QAModule
+    from taskhead.tasks.seq2seq import Seq2SeqModule
+
+    old = {"model_name_or_path": "m", "label_names": None, "label_counts": [3, 4], "optimizer": {"lr": 1e-4},
+           "max_length": 128, "peft": None}
+    for cls in (QAModule, Seq2SeqModule, MultipleChoiceModule):
+        assert cls.known_hparams(old) == {"model_name_or_path": "m", "optimizer": {"lr": 1e-4}, "max_length": 128,
+                                          "peft": None}
+    from taskhead.tasks.classification import ClassificationModule
+
+    assert ClassificationModule.known_hparams(old) == old  # it takes both

@@ -332,6 +332,20 @@ def test_fit_logs_official_metrics_and_loss_goes_down(fitted):
     assert Path(best).is_file()
 
 
+def test_a_checkpoint_of_an_older_taskhead_still_tests(fitted, tmp_path):
+    # before the one data→model link every task's hparams held label_names/label_counts, which QAModule no longer
+    # takes: --ckpt_path alone must still rebuild the model and test it
+    import torch
+
+    _, best, args, _ = fitted
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"].update(label_names=None, label_counts=None)
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    cli = run_cli(["test", *args, "--ckpt_path", str(old)])
+    assert "test/f1" in json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+
+
 def test_test_and_predict_through_the_cli(fitted, qa_files):
     run, best, args, _ = fitted
     cli = run_cli(["test", *args, "--ckpt_path", best])

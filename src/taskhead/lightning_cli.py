@@ -75,13 +75,19 @@ def given_on_command_line(argv: list[str], key: str) -> bool:
     return any(arg.split("=", 1)[0] in forms for arg in argv)
 
 
-def init_defaults(class_path: str) -> dict[str, Any]:
-    """Default value of each ``__init__`` argument of the class at ``class_path``."""
+def import_class(class_path: str):
+    """The object at ``package.module.Name``."""
     import importlib
-    import inspect
 
     module, _, name = class_path.rpartition(".")
-    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+    return getattr(importlib.import_module(module), name)
+
+
+def init_defaults(class_path: str) -> dict[str, Any]:
+    """Default value of each ``__init__`` argument of the class at ``class_path``."""
+    import inspect
+
+    params = inspect.signature(import_class(class_path).__init__).parameters
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
@@ -191,6 +197,27 @@ class TaskheadCLI(LightningCLI):
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)
         self.trainer = self.instantiate_trainer()
+
+    def _parse_ckpt_path(self) -> None:
+        """As Lightning does: the checkpoint's hyper-parameters become the model's config, so ``--ckpt_path`` alone
+        rebuilds the model it was trained with. Here the checkpoint is memory-mapped (its weights are not read), and
+        arguments its task no longer takes are dropped first (``TaskModule.known_hparams``: a checkpoint of an older
+        taskhead still loads)."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        import torch
+
+        hparams = dict(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        if not hparams or not class_path:
+            return super()._parse_ckpt_path()
+        cls = import_class(class_path)
+        if isinstance(cls, type) and issubclass(cls, TaskModule):
+            hparams = cls.known_hparams(hparams)
+        self.config = self.parser.parse_object({sub: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}, self.config)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)

@@ -56,11 +56,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", precision: str = 
         raise TaskheadError(f"{path}: not a taskhead export ({EXPORT_CONFIG} is missing)")
     spec = json.loads(spec_file.read_text())
     cls = import_object(spec["task"])
+    hparams = cls.known_hparams(spec["hparams"])
     if spec.get("adapter"):
-        module = cls(model_name_or_path=spec["source"], **spec["hparams"])  # the base, with fresh adapters
+        module = cls(model_name_or_path=spec["source"], **hparams)  # the base, with fresh adapters
         load_adapter(module, path)
     else:
-        module = cls(model_name_or_path=str(path), **spec["hparams"])
+        module = cls(model_name_or_path=str(path), **hparams)
     if (path / HEAD_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
@@ -134,7 +135,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, push_to_hub: s
     hf_logging.set_verbosity_error()  # the pretrained load's "newly initialised head" report is moot: the checkpoint follows
     try:
         with checkpoint_source(ckpt):  # a full fine-tune: built from the checkpoint's config and tokenizer alone
-            module = import_object(task)(**hparams)
+            cls = import_object(task)
+            module = cls(**cls.known_hparams(hparams))
             tokenizer = load_tokenizer(module.model_name_or_path)
     finally:
         hf_logging.set_verbosity(verbosity)

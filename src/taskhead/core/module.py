@@ -13,6 +13,7 @@ are re-read from ``model_name_or_path`` on load).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import random
 import tempfile
@@ -93,6 +94,13 @@ class TaskModule(L.LightningModule):
         # Evaluation loss as a weighted mean over the whole split, synced across ranks once at epoch end: exact under
         # DDP (a per-step mean of per-rank means is not, when ranks see different batch sizes).
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+
+    @classmethod
+    def known_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """``hparams`` without the arguments this task no longer takes, so a checkpoint or export of an older taskhead
+        still loads (every task once received ``label_names`` and ``label_counts``, and multiple choice kept them)."""
+        known = {*inspect.signature(cls.__init__).parameters, *inspect.signature(TaskModule.__init__).parameters}
+        return {k: v for k, v in hparams.items() if k in known}
 
     def save_task_hparams(self, **task_args: Any) -> None:
         """Record every init argument as plain values: checkpoints load with ``weights_only=True`` and export reuses them."""
