@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from taskhead.core.callbacks import (AtomicCheckpointIO, LastCheckpoint, RunArtifacts, RunManifest, Throughput,
                                      ValidateAtMaxSteps, sha256_file)
 from taskhead.core.data import STREAMING_NEEDS_MAX_STEPS, TaskDataModule
-from taskhead.core.export import checkpoint_source
+from taskhead.core.export import checkpoint_source, import_object
 from taskhead.core.module import TaskModule
 from taskhead.core.precision import bf16_warning, choose_precision
 from taskhead.core.progress import GracefulStop, LineProgress, RunSummary
@@ -75,19 +75,11 @@ def given_on_command_line(argv: list[str], key: str) -> bool:
     return any(arg.split("=", 1)[0] in forms for arg in argv)
 
 
-def import_class(class_path: str):
-    """The object at ``package.module.Name``."""
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def init_defaults(class_path: str) -> dict[str, Any]:
     """Default value of each ``__init__`` argument of the class at ``class_path``."""
     import inspect
 
-    params = inspect.signature(import_class(class_path).__init__).parameters
+    params = inspect.signature(import_object(class_path).__init__).parameters
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
@@ -151,6 +143,7 @@ class TaskheadCLI(LightningCLI):
     def __init__(self, *args: Any, args_list: list[str] | None = None, **kwargs: Any) -> None:
         self.argv = list(args_list or [])
         self.model_facts: dict = {}  # label names and counts of the checkpoint that validate/test/predict evaluates
+        self._checkpoint: tuple[str, dict] | None = None  # (path, memory-mapped checkpoint): read once per command
         self.run_location: tuple[str, str, str | None] | None = None  # (root, name, version) of this run
         with contextlib.ExitStack() as self.for_the_run:  # open while the subcommand runs (checkpoint_source)
             super().__init__(*args, args=args_list, **kwargs)
@@ -207,17 +200,24 @@ class TaskheadCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        import torch
-
-        hparams = dict(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {})
+        hparams = dict(self._load_checkpoint(ckpt_path).get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         class_path = hparams.pop("_class_path", None)
         if not hparams or not class_path:
             return super()._parse_ckpt_path()
-        cls = import_class(class_path)
+        cls = import_object(class_path)
         if isinstance(cls, type) and issubclass(cls, TaskModule):
             hparams = cls.known_hparams(hparams)
         self.config = self.parser.parse_object({sub: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}, self.config)
+
+    def _load_checkpoint(self, path: str) -> dict:
+        """The checkpoint at ``path``, memory-mapped (its weights are not read), loaded once for both of its readers:
+        its hyper-parameters (``_parse_ckpt_path``) and its stored source and label set (``before_instantiate_classes``)."""
+        if self._checkpoint is None or self._checkpoint[0] != path:
+            import torch
+
+            self._checkpoint = (path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        return self._checkpoint[1]
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -250,11 +250,10 @@ class TaskheadCLI(LightningCLI):
         if sub != "fit" and cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
             # the model is built before Lightning reads the checkpoint: build it from the checkpoint's own config and
             # tokenizer, not from the pretrained weights that the checkpoint's then replace (no "newly initialised")
-            import torch
-
-            ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            ckpt = self._load_checkpoint(cfg.ckpt_path)
             self.for_the_run.enter_context(checkpoint_source(ckpt))
             self.model_facts = checkpoint_facts(ckpt)
+        self._checkpoint = None  # Lightning reads the weights itself
         if sub in ("test", "validate") and not cfg.get("ckpt_path"):
             rank_zero_info(f"[{sub}] no --ckpt_path: evaluating the pretrained model as configured (a new head is untrained)")
 
