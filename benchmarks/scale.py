@@ -73,7 +73,7 @@ def make_rows(n: int, out: Path, seed: int = 0) -> Path:
 def run_fit(train: Path, cache: Path, runs: Path, src: str) -> dict:
     first = Path(tempfile.mktemp(prefix="first-step-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(ROOT)]), "TASKHEAD_FIRST_STEP_FILE": str(first),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_OFFLINE": "1"}  # TOKENIZERS_PARALLELISM as the user has it (unset: the Rust tokenizer's threads)
     args = [sys.executable, "-m", "taskhead.cli", "fit", "--config", "configs/imdb.yaml", "--config", "configs/offline/imdb.yaml",
             "--data.train_file", str(train), "--trainer.max_steps", "3", "--trainer.precision", "32-true",
             "--data.max_length", "64", "--data.max_eval_samples", "2000", "--data.cache_dir", str(cache),
@@ -150,12 +150,13 @@ def write_md(results: dict) -> None:
     lines += ["", "Notes:",
               "- Peak RSS is the fit process (kernel ru_maxrss or 0.2 s polling, the larger); tree RSS adds the forked "
               "tokeniser workers, whose copy-on-write pages shared with the parent are counted twice.",
-              "- Tokenisation runs one process per ~50k rows from 100k rows up (2 here); the rows/s are wall-clock under "
-              "contention. This machine's Rust WordPiece tokenizer alone does about 2-4k short rows/s per process "
-              "(measured outside taskhead), so the cold start is bound by the tokenizer itself.",
-              "- 10M rows was not run: the 1M cold run took 10 min of wall time on the shared cores and 10M would take "
-              "well over an hour (about 1.5 GB of JSONL, 3 GB of tokenised Arrow); memory would stay flat (parsing and "
-              "tokenising stream in chunks; the samplers hold 8 bytes per row), which is what the 1M row shows."]
+              "- Tokenised rows/s: the train split's `[data] train: tokenised ...` line (wall clock). From 100k rows up "
+              "one process per ~50k rows, up to the cores; within each, the Rust tokenizer runs on its own threads "
+              "unless TOKENIZERS_PARALLELISM=false.",
+              "- `main-e229a31` is the code before issue 18 (rows parsed into Python lists); `main-621aacd` the Arrow "
+              "path before the tokenizer's `encode_batch_fast` (core/tokens.py). Earlier runs on loaded cores are in "
+              "this file's git history.",
+              *results.get("notes", [])]
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
 
 

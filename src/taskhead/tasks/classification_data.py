@@ -20,6 +20,7 @@ from taskhead.core.arrow import numpy_column
 from taskhead.core.data import TaskDataModule
 from taskhead.core.losses import ProblemType
 from taskhead.core.readers import get_field, get_text
+from taskhead.core.tokens import encode_ids
 from taskhead.errors import TaskheadError
 
 
@@ -215,25 +216,9 @@ class ClassificationDataModule(TaskDataModule):
         self._label_names = facts["label_names"]
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
-        # One pass without truncation gives the full lengths (data report) and, for every row that fits, the inputs;
-        # only rows over max_length are tokenised again, truncated the tokenizer's own way (half the work of two passes).
         # Only what collate cannot derive is stored: the attention mask is all ones before padding (``pad_inputs``
         # builds it), and one text's token type ids are all zeros (the model's default); a pair keeps its type ids.
-        # A third fewer columns to convert and write: tokenising bounds a cold start.
-        pair = batch.get("text_pair")
-        only = {"return_attention_mask": False, "return_token_type_ids": None if pair else False}
-        enc = self.tokenizer(batch["text"], pair, truncation=False, verbose=False, **only)
-        full = [len(ids) for ids in enc["input_ids"]]
-        long = [i for i, n in enumerate(full) if n > self.hparams.max_length]
-        if long:
-            cut = self.tokenizer([batch["text"][i] for i in long], [pair[i] for i in long] if pair else None,
-                                 truncation=True, max_length=self.hparams.max_length, **only)
-            for key in enc:
-                for j, i in enumerate(long):
-                    enc[key][i] = cut[key][j]
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        enc["full_length"] = full
-        return enc
+        return encode_ids(self.tokenizer, batch["text"], batch.get("text_pair"), self.hparams.max_length)
 
     def collate(self, features: list[dict]) -> dict:
         batch = self.pad_inputs(features)
