@@ -90,6 +90,21 @@ def test_multi_label_data_and_multi_hot_batches(tiny_bert, tmp_path):
     assert {int(i): row.tolist() for i, row in zip(batch["idx"], batch["labels"])} == gold
 
 
+@pytest.mark.parametrize("given", [None, ["anger", "joy", "music"]])
+def test_multi_label_split_whose_first_chunks_have_no_labels(tiny_bert, tmp_path, monkeypatch, given):
+    """The first Arrow chunk of label lists all [] reads as list<null>; a later chunk with labels widens the file."""
+    monkeypatch.setattr("taskhead.core.arrow.CHUNK", 4)
+    rows = [{"text": f"plain words {i}", "labels": []} for i in range(9)] + make_emotions(12, 0)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    dm = ClassificationDataModule(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), problem_type="multi_label",
+                                  label_field="labels", label_names=given, train_file=str(train),
+                                  validation_file=str(train))
+    assert dm.label_names == ["anger", "joy", "music"]
+    names = dm.label_names
+    assert dm.parsed["train"]["label"] == [[names.index(n) for n in r["labels"]] for r in rows]
+    assert not list(tmp_path.glob("**/*.narrow.arrow"))
+
+
 def test_regression_pairs_are_encoded_as_pairs(tiny_bert, tmp_path):
     train = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(20, 0))
     dm = ClassificationDataModule(model_name_or_path=tiny_bert, cache_dir=str(tmp_path / "cache"), problem_type="regression",

@@ -31,29 +31,70 @@ def write_arrow(rows: Iterable[dict], path: Path, drop: tuple[str, ...] = ()):
     """Write ``rows`` to an Arrow stream file in chunks and return it as a memory-mapped ``datasets.Dataset``
     (None when there were no rows). Keys in ``drop`` (e.g. ``where``, kept for error messages only) are left out."""
     import datasets
-    import pyarrow as pa
 
-    writer, schema, chunk = None, None, []
-    with pa.OSFile(str(path), "wb") as sink:
-        def flush() -> None:
-            nonlocal writer, schema
-            table = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in drop} for r in chunk], schema=schema)
-            if writer is None:
-                schema = table.schema
-                writer = pa.ipc.new_stream(sink, schema)
-            writer.write_table(table)
-            chunk.clear()
-
+    out, chunk = ArrowStream(path), []
+    try:
         for row in rows:
-            chunk.append(row)
+            chunk.append({k: v for k, v in row.items() if k not in drop})
             if len(chunk) >= CHUNK:
-                flush()
+                out.write(chunk)
+                chunk.clear()
         if chunk:
-            flush()
-        if writer is None:
-            return None
-        writer.close()
-    return datasets.Dataset.from_file(str(path))
+            out.write(chunk)
+    finally:
+        out.close()
+    return datasets.Dataset.from_file(str(path)) if out.schema is not None else None
+
+
+class ArrowStream:
+    """Rows written to an Arrow stream file chunk by chunk, the schema inferred from the first chunk. A later chunk
+    may need wider types: a field that was null or ``[]`` in every row so far (a multi-label column whose first 10k
+    rows have no label reads as ``list<null>``), or integers that turn out to be floats. Then the rows written so far
+    are rewritten once with the wider schema (``pyarrow.unify_schemas``, permissive promotion); types that do not
+    unify (a string where numbers were) raise pyarrow's error, as before."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.schema, self._sink, self._writer = path, None, None, None
+
+    def write(self, rows: list[dict]) -> None:
+        import pyarrow as pa
+
+        if self.schema is None:
+            table = pa.Table.from_pylist(rows)
+            self._open(table.schema)
+        else:
+            try:
+                table = pa.Table.from_pylist(rows, schema=self.schema)  # missing keys become nulls
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                wider = pa.unify_schemas([self.schema, pa.Table.from_pylist(rows).schema], promote_options="permissive")
+                self._widen(wider)
+                table = pa.Table.from_pylist(rows, schema=wider)
+        self._writer.write_table(table)
+
+    def _open(self, schema) -> None:
+        import pyarrow as pa
+
+        self.schema = schema
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+
+    def _widen(self, schema) -> None:
+        import pyarrow as pa
+
+        self.close()
+        narrow = self.path.with_suffix(".narrow.arrow")
+        os.replace(self.path, narrow)
+        self._open(schema)
+        with pa.memory_map(str(narrow)) as source:
+            for batch in pa.ipc.open_stream(source):
+                self._writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+        narrow.unlink()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
 
 
 def column_to_ids(ds, column: str, names: list[str]):
