@@ -8,7 +8,7 @@ import json
 import pytest
 
 from taskhead.core import arrow
-from taskhead.core.data import package_version
+from taskhead.core.splits import package_version
 from taskhead.errors import TaskheadError
 from taskhead.tasks.classification import ClassificationDataModule
 

@@ -35,11 +35,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from taskhead.core.callbacks import (AtomicCheckpointIO, LastCheckpoint, RunArtifacts, RunManifest, Throughput,
                                      ValidateAtMaxSteps, sha256_file)
-from taskhead.core.data import STREAMING_NEEDS_MAX_STEPS, TaskDataModule
+from taskhead.core.data import TaskDataModule
 from taskhead.core.export import checkpoint_source, import_object
 from taskhead.core.module import TaskModule
 from taskhead.core.precision import bf16_warning, choose_precision
 from taskhead.core.progress import GracefulStop, LineProgress, RunSummary
+from taskhead.core.streaming import STREAMING_NEEDS_MAX_STEPS
 from taskhead.errors import TaskheadError
 
 DATASET_OPTIONS = ("dataset_name", "dataset_config", "train_file", "validation_file", "test_file", "predict_file",

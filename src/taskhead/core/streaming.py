@@ -18,10 +18,14 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from taskhead.core.arrow import Encoder
 from taskhead.core.sources import class_label_columns, hub_record
+from taskhead.errors import TaskheadError
 
+STREAMING_NEEDS_MAX_STEPS = ("--data.streaming needs --trainer.max_steps: a stream has no length to end an epoch or "
+                             "size the learning-rate schedule by")
 SHUFFLE_BUFFER = 10_000  # rows in datasets' shuffle buffer (before length grouping)
 MEGA_BATCH_MULT = 50  # batches per length-sorted mega-batch, as LengthGroupedBatchSampler
 
@@ -86,3 +90,33 @@ class StreamBatches(torch.utils.data.IterableDataset):
                    for batch in length_grouped(self._examples(part, epoch), self.batch_size, mega,
                                                np.random.default_rng([self.seed, self.rank, epoch])))
         return itertools.islice(batches, self.skip, None)
+
+
+class StreamedTrain:
+    """``--data.streaming`` in ``TaskDataModule`` (mixed in): its checks, the train split as a stream, its loader."""
+
+    def _check_streaming(self, held_out: bool, needs_labels: bool) -> None:
+        if held_out:
+            raise TaskheadError(f"--data.streaming: dataset '{self.hparams.dataset_name}' has no validation split and "
+                                "none is held out of a stream; set --data.validation_split or --data.validation_file")
+        if needs_labels and getattr(self, "problem_type", None) != "regression":  # a regression score has no label set
+            raise TaskheadError("--data.streaming: the label set cannot be read from a stream ahead of training; give "
+                                "--data.label_names (or use a dataset whose label column is a ClassLabel)")
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps in (None, -1):
+            raise TaskheadError(STREAMING_NEEDS_MAX_STEPS)
+
+    def _train_stream(self):
+        self._check_streaming(False, False)  # the trainer is known by now
+        stream = self._hub[self.hparams.train_split]
+        n = self.hparams.max_train_samples
+        return stream.take(n) if n is not None else stream
+
+    def _stream_loader(self, stream, world: int, rank: int) -> DataLoader:
+        import torch
+
+        resume_at, self._resume_at = self._resume_at, None  # the stream never ends its epoch: batches done count
+        batches = StreamBatches(stream, f"{self.hparams.dataset_name}[{self.hparams.train_split}]", self,
+                                self.hparams.batch_size, self.hparams.seed, self.hparams.group_by_length,
+                                num_replicas=world, rank=rank, skip=resume_at[1] if resume_at else 0)
+        return DataLoader(batches, batch_size=None, collate_fn=self.collate, pin_memory=torch.cuda.is_available())

@@ -22,7 +22,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from taskhead.core.arrow import numpy_column
-from taskhead.core.data import SPLITS, TaskDataModule
+from taskhead.core.data import TaskDataModule
+from taskhead.core.splits import SPLITS
 from taskhead.core.losses import IGNORE_INDEX
 from taskhead.core.readers import get_text, open_text, read_records
 from taskhead.errors import TaskheadError
