@@ -56,3 +56,67 @@ def test_fields():
         get_field(rec, "label", "f:1")
     with pytest.raises(TaskheadError, match="f:1: field 'text' is empty"):
         get_text(rec, "text", "f:1")
+
+
+# ---- .json files: a list of objects (or {"data": [...]}) read one item at a time, or JSON Lines --------------------------
+
+ROWS = [{"text": f"row {i} \u00e9 \"quoted\" [x] {{y}}", "label": i % 3, "nested": {"a": [i, 1.5]}} for i in range(50)]
+
+
+@pytest.mark.parametrize("layout", ["compact", "pretty", "wrapped", "wrapped_after_other_keys", "jsonl", "gzip"])
+def test_json_layouts_give_the_same_records(tmp_path, monkeypatch, layout):
+    import json
+
+    monkeypatch.setattr("taskhead.core.readers.JsonScanner.READ", 64)  # items cross many reads
+    p = tmp_path / ("d.json.gz" if layout == "gzip" else "d.json")
+    text = {"compact": json.dumps(ROWS), "pretty": json.dumps(ROWS, indent=2), "gzip": json.dumps(ROWS),
+            "wrapped": json.dumps({"data": ROWS, "version": "1"}),
+            "wrapped_after_other_keys": json.dumps({"version": "1", "meta": {"data": 1}, "data": ROWS}, indent=1),
+            "jsonl": "".join(json.dumps(r) + "\n" for r in ROWS)}[layout]
+    if layout == "gzip":
+        with gzip.open(p, "wt") as f:
+            f.write(text)
+    else:
+        p.write_text(text)
+    recs = list(read_records(p))
+    assert [r for _, r in recs] == ROWS
+    where = f"{p}:1" if layout == "jsonl" else f"{p}: item 0"
+    assert recs[0][0] == where
+
+
+def test_json_list_is_not_held_whole(tmp_path, monkeypatch):
+    """The reader has read only a little past the first item when it yields it."""
+    import json
+
+    monkeypatch.setattr("taskhead.core.readers.JsonScanner.READ", 256)
+    p = tmp_path / "big.json"
+    p.write_text(json.dumps([{"text": "x" * 100, "label": i} for i in range(2000)]))  # ~240 kB
+    records = read_records(p)
+    next(records)
+    import gc
+
+    scanners = [o for o in gc.get_objects() if type(o).__name__ == "JsonScanner"]
+    assert scanners and all(len(s.buf) <= 1024 for s in scanners)
+    records.close()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"text": "a"},\n {"text": "b"\n', r"d.json:3: malformed JSON"),  # ends inside item 1
+        ('[{"text": "a"}\n {"text": "b"}]', r"d.json:2: malformed JSON \(Expecting ',' or ']'\)"),
+        ('[{"text": "a"}]\n[1]\n', r"d.json:2: malformed JSON \(Extra data\)"),
+        ('{"data": [{"text": "a"}]}\n{"x": 1}\n', r"d.json:2: malformed JSON \(Extra data\)"),
+        ('{"rows": [{"text": "a"}]}', r"d.json: expected a JSON list of objects"),
+        ('"just a string"', r"d.json: expected a JSON list of objects"),
+        ("", r"d.json:1: malformed JSON \(Expecting value\)"),
+        ('[{"text": "a"}, "b"]', r"d.json: item 1: expected a JSON object, got str"),
+        ('{"text": "a"}\n{"text": "b",}\n', r"d.json:2: malformed JSON"),  # JSON Lines: the JSONL reader's message
+    ],
+)
+def test_json_errors_name_the_line(tmp_path, monkeypatch, content, message):
+    monkeypatch.setattr("taskhead.core.readers.JsonScanner.READ", 8)
+    p = tmp_path / "d.json"
+    p.write_text(content)
+    with pytest.raises(TaskheadError, match=message):
+        list(read_records(p))

@@ -11,11 +11,13 @@ import csv
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from taskhead.errors import TaskheadError
 
+NOT_SPACE = re.compile(r"[^ \t\r\n]")  # JSON's white space is these four
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 
 
@@ -97,18 +99,7 @@ def _records(f, path: Path, fmt: str) -> Iterator[tuple[str, dict]]:
                 raise TaskheadError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
             yield f"{path}:{n}", rec
     elif fmt == "json":
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise TaskheadError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise TaskheadError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
-        for i, rec in enumerate(data):
-            if not isinstance(rec, dict):
-                raise TaskheadError(f"{path}: item {i}: expected a JSON object, got {type(rec).__name__}")
-            yield f"{path}: item {i}", rec
+        yield from _json_records(f, path)
     else:
         reader = csv.reader(f, delimiter="," if fmt == "csv" else "\t")
         header = next(reader, None)
@@ -122,6 +113,136 @@ def _records(f, path: Path, fmt: str) -> Iterator[tuple[str, dict]]:
                     f"{path}:{reader.line_num}: {len(row)} columns, but the header has {len(header)} ({', '.join(header)})"
                 )
             yield f"{path}:{reader.line_num}", dict(zip(header, row))
+
+
+def _json_records(f, path: Path) -> Iterator[tuple[str, dict]]:
+    """A ``.json`` file: a list of objects or ``{"data": [...]}``, streamed item by item; or JSON Lines (as the
+    Hugging Face ``json`` loader reads a ``.json`` file too), read as a ``.jsonl`` file with its line numbers."""
+    items = json_items(f, path)
+    try:
+        for i, rec in items:
+            if not isinstance(rec, dict):
+                raise TaskheadError(f"{path}: item {i}: expected a JSON object, got {type(rec).__name__}")
+            yield f"{path}: item {i}", rec
+    except JsonLines:
+        with open_text(path) as again:
+            yield from _records(again, path, "jsonl")
+
+
+class JsonLines(Exception):
+    """Raised by ``json_items``: the file holds one object per line, not one JSON document."""
+
+
+def json_items(f, path: Path) -> Iterator[tuple[int, object]]:
+    """``(index, item)`` of the list a JSON document holds (``[...]``, or the ``"data"`` list of an object), parsed one
+    item at a time: memory holds one item and a read buffer, never the whole list (``json.load`` would hold every
+    item as Python objects). A syntax error names its line; a first object followed by more raises ``JsonLines``."""
+    scan = JsonScanner(f, path)
+    first = scan.peek()
+    if first == "[":
+        yield from scan.array()
+        if scan.peek():
+            scan.fail("Extra data")
+    elif first == "{":
+        scan.take("{")
+        found = False  # the "data" list, streamed
+        while scan.peek() != "}":
+            key = scan.value()
+            if not isinstance(key, str):
+                scan.fail("Expecting property name enclosed in double quotes")
+            scan.take(":")
+            if key == "data" and scan.peek() == "[" and not found:
+                found = True
+                yield from scan.array()
+            else:
+                scan.value()
+            if scan.take(",}") == "}":
+                break
+        else:
+            scan.take("}")
+        if scan.peek():  # more after the first object: JSON Lines (or, after a "data" list, a syntax error)
+            if not found:
+                raise JsonLines
+            scan.fail("Extra data")
+        if not found:
+            raise TaskheadError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+    elif first:
+        scan.value()
+        raise TaskheadError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+    else:
+        scan.fail("Expecting value")
+
+
+class JsonScanner:
+    """Reads JSON values one at a time from a text stream with ``json.JSONDecoder.raw_decode`` (the standard library
+    parser; what it lacks is an incremental mode, written here): a buffer grown while a value is incomplete, dropped
+    once consumed; line numbers kept for errors."""
+
+    READ = 1 << 20
+
+    def __init__(self, f, path: Path) -> None:
+        self.f, self.path = f, path
+        self.buf, self.pos, self.line, self.eof = "", 0, 1, False  # ``line``: the line of buf[0]
+        self.decoder = json.JSONDecoder()
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.f.read(max(self.READ, len(self.buf) - self.pos))  # doubling: a large item costs O(size)
+        if not chunk:
+            self.eof = True
+            return False
+        self.line += self.buf.count("\n", 0, self.pos)
+        self.buf, self.pos = self.buf[self.pos:] + chunk, 0
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not white space ("" at the end of the file)."""
+        while True:
+            found = NOT_SPACE.search(self.buf, self.pos)
+            if found:
+                self.pos = found.start()
+                return self.buf[self.pos]
+            self.pos = len(self.buf)
+            if not self._more():
+                return ""
+
+    def take(self, allowed: str) -> str:
+        c = self.peek()
+        if not c or c not in allowed:
+            self.fail(f"Expecting {' or '.join(repr(a) for a in allowed)}" if c else "Unexpected end of data")
+        self.pos += 1
+        return c
+
+    def value(self) -> object:
+        self.peek()
+        while True:
+            try:
+                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                if self._more():
+                    continue
+                self.fail(e.msg, e.pos)
+            if end == len(self.buf) and self._more():  # a number may go on in the next read
+                continue
+            self.pos = end
+            return obj
+
+    def array(self) -> Iterator[tuple[int, object]]:
+        self.take("[")
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        i = 0
+        while True:
+            yield i, self.value()
+            i += 1
+            if self.take(",]") == "]":
+                return
+
+    def fail(self, msg: str, at: int | None = None):
+        at = self.pos if at is None else at
+        raise TaskheadError(f"{self.path}:{self.line + self.buf.count(chr(10), 0, at)}: malformed JSON ({msg})")
 
 
 def get_field(rec: dict, field: str, where: str) -> object:

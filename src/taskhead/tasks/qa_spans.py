@@ -10,7 +10,7 @@ DataModule and the LightningModule.
 from __future__ import annotations
 
 import heapq
-import json
+import itertools
 import re
 import string
 from collections import Counter
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from taskhead.core.readers import open_text, read_records
+from taskhead.core.readers import JsonLines, json_items, open_text, read_records
 from taskhead.errors import TaskheadError
 
 Offsets = Sequence[Sequence[int] | None]  # per token: (char start, char end) in the context, None outside it
@@ -30,15 +30,20 @@ Offsets = Sequence[Sequence[int] | None]  # per token: (char start, char end) in
 def read_squad_json(path: str) -> Iterator[tuple[str, dict]]:
     """Yield ``("path: question ID", {id, question, context, answers: {text, answer_start}})`` from a SQuAD JSON file
     (``data > paragraphs > qas > answers``). Other JSON layouts (a plain list of records) go to the generic reader."""
-    try:
-        data = json.load(open_text(Path(path)))
-    except json.JSONDecodeError as e:
-        raise TaskheadError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    articles = data.get("data") if isinstance(data, dict) else None
-    if not (isinstance(articles, list) and articles and isinstance(articles[0], dict) and "paragraphs" in articles[0]):
-        yield from read_records(path)
-        return
-    for a, article in enumerate(articles):
+    with open_text(Path(path)) as f:
+        articles = json_items(f, Path(path))  # one article at a time
+        try:
+            first = next(articles, None)
+        except JsonLines:
+            first = None
+        if first is None or not (isinstance(first[1], dict) and "paragraphs" in first[1]):
+            yield from read_records(path)
+            return
+        yield from squad_questions(path, itertools.chain([first], articles))
+
+
+def squad_questions(path: str, articles) -> Iterator[tuple[str, dict]]:
+    for a, article in articles:
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
             raise TaskheadError(f"{path}: article {a}: 'paragraphs' must be a list")
