@@ -127,6 +127,10 @@ def test_encoder_decoder_labels(tiny_bert, tmp_path):
     assert labels[1].tolist()[-1] == tok.sep_token_id and labels.shape[1] == 6  # cut to max_target_length, SEP kept
     assert dm.datasets["train"]["target_full_length"][1] == 11  # 10 words + SEP, counted before truncation (reported)
     assert batch["inputs"]["input_ids"].shape[1] == int(batch["inputs"]["attention_mask"].sum(1).max())
+    short = dm_for(tiny_bert, tmp_path, train_file=str(train), max_length=5, architecture="encoder_decoder")
+    short.setup("fit")
+    row = short.datasets["train"][0]  # "the cat sat on the mat": 6 words + CLS + SEP, cut to 5 with its SEP kept
+    assert row["full_length"] == 8 and row["length"] == 5 and row["input_ids"][-1] == tok.sep_token_id
 
 
 def test_causal_prompt_masking(tiny_llama, tmp_path):

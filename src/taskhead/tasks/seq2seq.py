@@ -258,8 +258,8 @@ class Seq2SeqModule(TaskModule):
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         ensure_pad(tokenizer)
-        ids = encode_sources(tokenizer, texts, self.source_prefix, self.architecture, self.separator, self.max_length,
-                             self.chat_template)
+        ids, _ = encode_sources(tokenizer, texts, self.source_prefix, self.architecture, self.separator, self.max_length,
+                                self.chat_template)
         side = tokenizer.padding_side
         tokenizer.padding_side = "left" if self.architecture == "causal" else "right"
         try:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from taskhead.core.arrow import numpy_column
 from taskhead.core.data import TaskDataModule
 from taskhead.core.splits import SPLITS
+from taskhead.core.tokens import encode_ids
 from taskhead.core.losses import IGNORE_INDEX
 from taskhead.core.readers import get_text, open_text, read_records
 from taskhead.errors import TaskheadError
@@ -87,13 +88,15 @@ def chat_frame(tokenizer, prefix: str, separator: str) -> tuple[str, str]:
 
 
 def encode_sources(tokenizer, sources: list[str], prefix: str, architecture: str, separator: str, max_length: int,
-                   chat_template: bool = False) -> list[list[int]]:
+                   chat_template: bool = False) -> tuple[list[list[int]], list[int]]:
     """prefix + source, truncated to ``max_length``; for a decoder-only LM the separator follows (never cut off).
     With ``chat_template`` the same inside the template's user turn: the cut is at the end of the source, so the end of
-    the turn and the assistant header are always kept."""
+    the turn and the assistant header are always kept. Also returns each prompt's length before the cut (the data
+    report's truncation), from the same pass (``encode_ids``)."""
     texts = [prefix + s for s in sources]
     if architecture != "causal":
-        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        enc = encode_ids(tokenizer, texts, max_length=max_length)
+        return enc["input_ids"], enc["full_length"]
     if chat_template:
         prefix, separator = chat_frame(tokenizer, prefix, separator)
         texts = [prefix + s for s in sources]
@@ -101,8 +104,8 @@ def encode_sources(tokenizer, sources: list[str], prefix: str, architecture: str
     if len(sep) >= max_length:
         raise TaskheadError(f"max_length {max_length} leaves no room for the source: the text after it "
                             f"({separator!r}) alone is {len(sep)} tokens")
-    ids = tokenizer(texts, truncation=True, max_length=max_length - len(sep))["input_ids"]
-    return [x + sep for x in ids]
+    enc = encode_ids(tokenizer, texts, max_length=max_length - len(sep))
+    return [x + sep for x in enc["input_ids"]], [n + len(sep) for n in enc["full_length"]]
 
 
 def causal_example(prompt: list[int], target: list[int], eos_id: int) -> tuple[list[int], list[int]]:
@@ -224,15 +227,9 @@ class Seq2SeqDataModule(TaskDataModule):
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
         tok, hp = self.tokenizer, self.hparams
-        prompts = encode_sources(tok, batch["source"], hp.source_prefix, hp.architecture, hp.separator, hp.max_length,
-                                 hp.chat_template)
-        # the untruncated prompt, as it would be encoded (chat frame and separator included): the data report's truncation
-        before, after = hp.source_prefix, ""
-        if hp.architecture == "causal":
-            before, after = chat_frame(tok, hp.source_prefix, hp.separator) if hp.chat_template else (before, hp.separator)
-        after_len = len(tok(after, add_special_tokens=False)["input_ids"]) if after else 0
-        full = tok([before + s for s in batch["source"]], return_attention_mask=False, verbose=False)["input_ids"]
-        enc: dict[str, list] = {"full_length": [len(x) + after_len for x in full]}
+        prompts, full = encode_sources(tok, batch["source"], hp.source_prefix, hp.architecture, hp.separator,
+                                       hp.max_length, hp.chat_template)
+        enc: dict[str, list] = {"full_length": full}  # the whole prompt before the cut: the data report's truncation
         if "target" not in batch:  # predict: sources only
             enc["input_ids"], enc["length"] = prompts, [len(x) for x in prompts]
             return enc
