@@ -70,17 +70,9 @@ def make_rows(n: int, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def run_fit(train: Path, cache: Path, runs: Path, src: str) -> dict:
-    first = Path(tempfile.mktemp(prefix="first-step-"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(ROOT)]), "TASKHEAD_FIRST_STEP_FILE": str(first),
-           "HF_HUB_OFFLINE": "1"}  # TOKENIZERS_PARALLELISM as the user has it (unset: the Rust tokenizer's threads)
-    args = [sys.executable, "-m", "taskhead.cli", "fit", "--config", "configs/imdb.yaml", "--config", "configs/offline/imdb.yaml",
-            "--data.train_file", str(train), "--trainer.max_steps", "3", "--trainer.precision", "32-true",
-            "--data.max_length", "64", "--data.max_eval_samples", "2000", "--data.cache_dir", str(cache),
-            "--trainer.default_root_dir", str(runs), "--trainer.callbacks+=benchmarks.scale.FirstStep",
-            "--trainer.enable_progress_bar", "false"]
-    log = runs / f"fit-{time.time_ns()}.log"
-    runs.mkdir(parents=True, exist_ok=True)
+def measure(args: list[str], env: dict, log: Path) -> dict:
+    """Run a taskhead command; its wall and CPU time, peak RSS (the process; the tree with its workers) and output."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     start, kids_before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w") as out:
         proc = psutil.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -95,18 +87,48 @@ def run_fit(train: Path, cache: Path, runs: Path, src: str) -> dict:
             time.sleep(0.2)
     wall = time.time() - start
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_total = kids.ru_utime + kids.ru_stime - kids_before.ru_utime - kids_before.ru_stime
     text = log.read_text()
     if proc.returncode != 0:
-        raise SystemExit(f"fit failed ({proc.returncode}); log: {log}\n{text[-3000:]}")
+        raise SystemExit(f"{args[3]} failed ({proc.returncode}); log: {log}\n{text[-3000:]}")
+    return {"start": start, "text": text, "wall_s": round(wall, 1),
+            "cpu_s": round(kids.ru_utime + kids.ru_stime - kids_before.ru_utime - kids_before.ru_stime, 1),
+            # ru_maxrss: the kernel's own peak of the largest process so far, no polling gap (when this one set it)
+            "peak_rss_mb": round(max(peak_main / 2**20, kids.ru_maxrss / 1024 if kids.ru_maxrss > kids_before.ru_maxrss else 0)),
+            "peak_rss_tree_mb": round(peak_tree / 2**20)}
+
+
+def run_predict(rows: Path, runs: Path, cache: Path, src: str) -> dict:
+    """``predict`` with the fit's last checkpoint on ``rows`` (their labels unused): predictions.jsonl of every row."""
+    ckpt = next(runs.glob("**/last.ckpt"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(ROOT)]), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "taskhead.cli", "predict", "--ckpt_path", str(ckpt), "--data.predict_file", str(rows),
+            "--data.cache_dir", str(cache), "--trainer.precision", "32-true", "--data.eval_batch_size", "256",
+            "--trainer.enable_progress_bar", "false"]
+    m = measure(args, env, runs / f"predict-{time.time_ns()}.log")
+    out = next(ckpt.parent.parent.glob("predictions.jsonl"))
+    with out.open() as f:
+        lines = sum(1 for _ in f)
+    assert lines == int(rows.stem.rsplit("-", 1)[1]), (lines, rows)
+    return {k: m[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")} | {"rows_per_s": round(lines / m["wall_s"])}
+
+
+def run_fit(train: Path, cache: Path, runs: Path, src: str) -> dict:
+    first = Path(tempfile.mktemp(prefix="first-step-"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(ROOT)]), "TASKHEAD_FIRST_STEP_FILE": str(first),
+           "HF_HUB_OFFLINE": "1"}  # TOKENIZERS_PARALLELISM as the user has it (unset: the Rust tokenizer's threads)
+    args = [sys.executable, "-m", "taskhead.cli", "fit", "--config", "configs/imdb.yaml", "--config", "configs/offline/imdb.yaml",
+            "--data.train_file", str(train), "--trainer.max_steps", "3", "--trainer.precision", "32-true",
+            "--data.max_length", "64", "--data.max_eval_samples", "2000", "--data.cache_dir", str(cache),
+            "--trainer.default_root_dir", str(runs), "--trainer.callbacks+=benchmarks.scale.FirstStep",
+            "--trainer.enable_progress_bar", "false"]
+    m = measure(args, env, runs / f"fit-{time.time_ns()}.log")
+    text, start = m["text"], m["start"]
     rate = re.search(r"\[data\] train: tokenised ([\d,]+) examples in ([\d.]+) s \(([\d,]+)/s, (\d+) process", text)
     mark = json.loads(first.read_text()) if first.is_file() else {}
     first.unlink(missing_ok=True)
-    return {"wall_s": round(wall, 1), "first_step_s": round(mark["time"] - start, 1) if mark else None,
-            "first_step_cpu_s": round(mark["cpu_s"], 1) if mark else None, "cpu_s": round(cpu_total, 1),
-            # ru_maxrss: the kernel's own peak of the largest process (the fit), no polling gap
-            "peak_rss_mb": round(max(peak_main / 2**20, kids.ru_maxrss / 1024 if kids.ru_maxrss > kids_before.ru_maxrss else 0)),
-            "peak_rss_tree_mb": round(peak_tree / 2**20),
+    return {"wall_s": m["wall_s"], "first_step_s": round(mark["time"] - start, 1) if mark else None,
+            "first_step_cpu_s": round(mark["cpu_s"], 1) if mark else None, "cpu_s": m["cpu_s"],
+            "peak_rss_mb": m["peak_rss_mb"], "peak_rss_tree_mb": m["peak_rss_tree_mb"],
             "tokenise_rows_per_s": int(rate.group(3).replace(",", "")) if rate else None,
             "tokenise_procs": int(rate.group(4)) if rate else None}
 
@@ -147,6 +169,13 @@ def write_md(results: dict) -> None:
         rate = f"{cold['tokenise_rows_per_s']:,} ({cold['tokenise_procs']} proc)" if cold.get("tokenise_rows_per_s") else "—"
         lines.append(f"| {label} | {int(n):,} | {first(cold)} | {first(warm)} | {speed} | {cold.get('wall_s', '—')} s | "
                      f"{cold.get('peak_rss_mb', '—')} / {warm.get('peak_rss_mb', '—')} MB | {cold.get('peak_rss_tree_mb', '—')} MB | {rate} |")
+    predicted = [(k, r["predict"]) for k, r in sorted(results["runs"].items()) if "predict" in r]
+    if predicted:
+        lines += ["", "`predict` on the same rows with the fit's last.ckpt (`--data.eval_batch_size 256`, fp32): "
+                  "predictions.jsonl of every row, each with its input text.", "",
+                  "| code | rows | wall | CPU s | rows/s | peak RSS |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {k.split('@')[0]} | {int(k.split('@')[1]):,} | {p['wall_s']} s | {p['cpu_s']} | {p['rows_per_s']:,} | "
+                  f"{p['peak_rss_mb']} MB |" for k, p in predicted]
     lines += ["", "Notes:",
               "- Peak RSS is the fit process (kernel ru_maxrss or 0.2 s polling, the larger); tree RSS adds the forked "
               "tokeniser workers, whose copy-on-write pages shared with the parent are counted twice.",
@@ -167,6 +196,7 @@ def main() -> None:
     ap.add_argument("--label", default="this branch")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "taskhead-scale"), help="data, caches and runs (deleted per run)")
     ap.add_argument("--no-warm", action="store_true", help="cold runs only")
+    ap.add_argument("--predict", action="store_true", help="also predict on the rows with the fit's last.ckpt")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -182,6 +212,11 @@ def main() -> None:
             shutil.rmtree(runs, ignore_errors=True)
             entry[kind] = run_fit(train, cache, runs, args.src)
             print(f"{args.label} {n:,} rows {kind}: {entry[kind]}", flush=True)
+            out.write_text(json.dumps(results, indent=1) + "\n")
+            write_md(results)
+        if args.predict:
+            entry["predict"] = run_predict(train, runs, cache, args.src)
+            print(f"{args.label} {n:,} rows predict: {entry['predict']}", flush=True)
             out.write_text(json.dumps(results, indent=1) + "\n")
             write_md(results)
         shutil.rmtree(cache, ignore_errors=True)

@@ -117,8 +117,9 @@ def test_predict_inputs_keep_ids_and_fields(tiny_bert, tmp_path):
     pred = write_jsonl(tmp_path / "p.jsonl", rows)
     dm = dm_for(tiny_bert, tmp_path, predict_file=str(pred), label_names=["neg", "pos"])
     dm.setup("predict")
-    assert dm.predict_inputs == [{"id": "a", "text": "good film"}, {"id": 2, "text": "bad film"}, {"id": 7, "text": "fine"}]
-    assert json.dumps(dm.predict_inputs)
+    expected = [{"id": "a", "text": "good film"}, {"id": 2, "text": "bad film"}, {"id": 7, "text": "fine"}]
+    assert len(dm.predict_input_rows) == 3 and dm.predict_input_rows([0, 1, 2]) == expected
+    assert dm.predict_input_rows([2, 0]) == [expected[2], expected[0]] and json.dumps(dm.predict_input_rows([1]))
 
 
 def test_package_version_from_metadata():

@@ -224,6 +224,8 @@ class TaskheadCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         # Checkpoints hold plain values only: load them without unpickling arbitrary objects (and without the warning)
         parser.set_defaults({"weights_only": True})
+        if subcommand == "predict":  # RunArtifacts writes each batch's predictions: Lightning need not keep them all
+            parser.set_defaults({"return_predictions": False})
         return parser
 
     # ---- the rules, applied to the parsed config before anything is built -------------------------------------------

@@ -193,16 +193,23 @@ def load_cached(file: Path):
     return None
 
 
-def input_rows(ds, model_input_names: list[str], encoded: tuple[str, ...] = ()) -> list[dict]:
-    """Per example of a tokenised predict split: ``{"id", input fields}`` (ids are stored JSON-encoded: string or
-    line). A task whose examples become several rows (QA windows) gives the first row of each; ``encoded`` names the
-    task's own columns that tokenisation added."""
-    keep = [c for c in ds.column_names if c not in ENCODED and c not in model_input_names and c not in encoded]
-    _, first = np.unique(numpy_column(ds, "idx"), return_index=True)
-    if len(first) < len(ds):
-        ds = ds.select(first)
-    rows = ds.select_columns(keep + ["_id"]).with_format("arrow")[:].to_pylist()
-    return [{"id": json.loads(r.pop("_id")), **{k: v for k, v in r.items() if k != "id"}} for r in rows]
+class InputRows:
+    """The id and input fields of predict examples, by example index (``idx``), read from the memory-mapped tokenised
+    predict split when asked: predictions.jsonl repeats them beside each prediction. Ids are stored JSON-encoded (a
+    string or a line number). A task whose examples become several rows (QA windows) gives the first row of each;
+    ``encoded`` names the task's own columns that tokenisation added."""
+
+    def __init__(self, ds, model_input_names: list[str], encoded: tuple[str, ...] = ()) -> None:
+        keep = [c for c in ds.column_names if c not in ENCODED and c not in model_input_names and c not in encoded]
+        self.ds = ds.select_columns(keep + ["_id"])
+        self.first = np.unique(numpy_column(ds, "idx"), return_index=True)[1]  # example i → its first row
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __call__(self, idx) -> list[dict]:
+        rows = self.ds.select(self.first[np.asarray(idx, dtype=np.int64)]).with_format("arrow")[:].to_pylist()
+        return [{"id": json.loads(r.pop("_id")), **{k: v for k, v in r.items() if k != "id"}} for r in rows]
 
 
 class Encoder:
@@ -212,7 +219,7 @@ class Encoder:
 
     def __init__(self, dm) -> None:
         self.dm = copy.copy(dm)
-        self.dm.__dict__.update(trainer=None, datasets={}, parsed={}, predict_inputs=[])
+        self.dm.__dict__.update(trainer=None, datasets={}, parsed={}, predict_input_rows=None)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         # ``idx`` goes in with the batch: a task whose examples become several rows (QA windows) repeats it per row

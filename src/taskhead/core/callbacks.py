@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -236,16 +237,20 @@ class Throughput(Callback):
 
 
 class RunArtifacts(BasePredictionWriter):
-    """After ``test`` or ``validate``: metrics.json (+ the task's test artifacts). After ``predict``:
-    predictions.jsonl in input order.
+    """After ``test`` or ``validate``: metrics.json (+ the task's test artifacts). During ``predict``: each batch's
+    predictions, every rank's, appended to a scratch file beside predictions.jsonl; at the end predictions.jsonl in
+    input order, each line the input's id and fields, then its prediction. Memory holds one batch and 16 bytes per
+    prediction (its index and offset), never the predictions: the CLI's predict also tells Lightning not to keep them
+    (``return_predictions`` false).
 
     Args:
         predictions_file: Where ``predict`` writes its JSONL (default: ``<run dir>/predictions.jsonl``).
     """
 
     def __init__(self, predictions_file: str | None = None) -> None:
-        super().__init__(write_interval="epoch")
+        super().__init__(write_interval="batch")
         self.predictions_file = predictions_file
+        self._part: BinaryIO | None = None  # rank 0: the predictions so far, in the order they came
 
     def _write_metrics(self, trainer: L.Trainer, prefix: str, artifacts: dict) -> None:
         if not trainer.is_global_zero:
@@ -264,21 +269,50 @@ class RunArtifacts(BasePredictionWriter):
         if trainer.state.fn == "validate":  # the validate command, not validation inside fit
             self._write_metrics(trainer, "val/", {})
 
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        rows = pl_module.gather([row for batch in predictions for row in batch])  # every rank's (TaskModule.gather)
-        if not trainer.is_global_zero:
+    def _path(self, trainer: L.Trainer) -> Path:
+        return Path(self.predictions_file) if self.predictions_file else run_dir(trainer) / "predictions.jsonl"
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            path = self._path(trainer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # unlinked already: gone with its handle, also when the run is killed
+            self._part = tempfile.TemporaryFile(dir=path.parent, prefix=".partial-predictions-")
+            self._idx, self._offsets = array("q"), array("q")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        # a collective per batch: every rank runs as many predict batches (the eval samplers make their counts equal)
+        rows = pl_module.gather(list(prediction))
+        if self._part is None:
             return
-        rows.sort(key=lambda r: r["idx"])
-        inputs = getattr(trainer.datamodule, "predict_inputs", None) or []
-        path = Path(self.predictions_file) if self.predictions_file else run_dir(trainer) / "predictions.jsonl"
-        # each line: the input's id (its own "id" field, else its line number) and fields, then the prediction
-        text = "".join(
-            json.dumps({**(inputs[r["idx"]] if r["idx"] < len(inputs) else {}), **{k: v for k, v in r.items() if k != "idx"}},
-                       ensure_ascii=False) + "\n"
-            for r in rows
-        )
-        write_atomic(path, text)
-        rank_zero_info(f"[predict] {len(rows):,} predictions written to {path}")
+        for row in rows:
+            self._idx.append(row["idx"])
+            self._offsets.append(self._part.tell())
+            self._part.write(json.dumps({k: v for k, v in row.items() if k != "idx"}).encode() + b"\n")
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._part is None:
+            return
+        import numpy as np
+
+        part, self._part = self._part, None
+        idx = np.frombuffer(self._idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        offsets = np.frombuffer(self._offsets, dtype=np.int64)
+        inputs = getattr(trainer.datamodule, "predict_input_rows", None)
+
+        def write(f: BinaryIO) -> None:
+            for start in range(0, len(order), 10_000):
+                sel = order[start : start + 10_000]
+                fields = inputs(idx[sel]) if inputs is not None else [{}] * len(sel)
+                for given, at in zip(fields, offsets[sel]):
+                    part.seek(int(at))
+                    f.write(json.dumps({**given, **json.loads(part.readline())}, ensure_ascii=False).encode() + b"\n")
+
+        path = self._path(trainer)
+        with part:
+            replace_atomic(path, write)
+        rank_zero_info(f"[predict] {len(order):,} predictions written to {path}")
 
 
 class ValidateAtMaxSteps(Callback):

@@ -39,7 +39,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from taskhead.core.arrow import Encoder, cache_key, input_rows, load_cached, numpy_column, tokenise
+from taskhead.core.arrow import Encoder, InputRows, cache_key, load_cached, numpy_column, tokenise
 from taskhead.core.pretrained import load_pretrained, load_tokenizer
 from taskhead.core.readers import read_records
 from taskhead.core.sampling import LengthGroupedBatchSampler, SortedBatchSampler
@@ -123,7 +123,8 @@ class TaskDataModule(SplitPass, StreamedTrain, L.LightningDataModule):
         self.datasets: dict[str, Any] = {}
         self._reported: set[str] = set()
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done in it), from a checkpoint
-        self.predict_inputs: list[dict] = []  # per predict example: {"id", input fields}, for predictions.jsonl
+        # predict example indices → their {"id", input fields}, read from the predict split for predictions.jsonl
+        self.predict_input_rows: InputRows | None = None
         self.parsed: dict[str, Any] = {}  # validated splits, memory-mapped from a temporary directory
         self._tmp: Path | None = None
         self._held_out: tuple[np.ndarray, np.ndarray] | None = None  # (train rows, validation rows) of the train split
@@ -258,7 +259,7 @@ class TaskDataModule(SplitPass, StreamedTrain, L.LightningDataModule):
             tmp.write_text(json.dumps(facts))
             os.replace(tmp, facts_file)
         if "predict" in wanted:  # what predictions.jsonl repeats of each input: its id and its fields
-            self.predict_inputs = input_rows(self.datasets["predict"], self.tokenizer.model_input_names, self.encoded_columns)
+            self.predict_input_rows = InputRows(self.datasets["predict"], self.tokenizer.model_input_names, self.encoded_columns)
         for split in wanted:
             self._report(split)
 
