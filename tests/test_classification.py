@@ -151,6 +151,7 @@ def test_test_writes_metrics_confusion_and_mistakes(fitted):
     mistakes = json.loads((out / "test_mistakes.json").read_text())
     assert len(mistakes) == 64 - correct or len(mistakes) == 20
     assert [m["confidence"] for m in mistakes] == sorted((m["confidence"] for m in mistakes), reverse=True)
+    assert all({m["gold"], m["pred"]} == {"neg", "pos"} for m in mistakes)  # by name, and wrong
 
 
 def test_checkpoint_refuses_reordered_label_names(fitted):

@@ -159,12 +159,14 @@ class MostConfident:
         if len(self.items) > self.k:
             heapq.heappop(self.items)
 
-    def add_wrong(self, probs, labels, fields):
+    def add_wrong(self, probs, labels, fields, names: list[str] | None = None):
         """(batch, N) probabilities and (batch,) gold ids: every row whose argmax is wrong is added as
-        ``(confidence, *fields(row), gold, pred)``. Returns the argmax ids (for a confusion matrix)."""
+        ``(confidence, *fields(row), gold, pred)``, gold and pred as ids or, given ``names``, as their names.
+        Returns the argmax ids (for a confusion matrix)."""
         conf, pred = probs.max(-1)
         for i in (pred != labels).nonzero().flatten().tolist():
-            self.add(float(conf[i]), *fields(i), int(labels[i]), int(pred[i]))
+            gold, guess = int(labels[i]), int(pred[i])
+            self.add(float(conf[i]), *fields(i), *((names[gold], names[guess]) if names else (gold, guess)))
         return pred
 
     def take(self, gather=list) -> list[tuple]:

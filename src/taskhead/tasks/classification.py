@@ -173,11 +173,9 @@ class ClassificationModule(TaskModule):
             return
         self.metrics[stage].update(logits, labels)
         if stage == "test":
-            conf, pred = logits.softmax(-1).max(-1)
+            pred = self.mistakes.add_wrong(logits.softmax(-1), labels, lambda i: (int(batch["idx"][i]), batch["text"][i]),
+                                           self.label_names)
             self.confusion.update(pred, labels)
-            for i in (pred != labels).nonzero().flatten().tolist():
-                self.mistakes.add(float(conf[i]), int(batch["idx"][i]), batch["text"][i],
-                                  self.label_names[int(labels[i])], self.label_names[int(pred[i])])
 
     def _names(self, multi_hot: torch.Tensor) -> list[str]:
         return [self.label_names[i] for i in multi_hot.nonzero().flatten().tolist()]
