@@ -102,12 +102,14 @@ class TaskDataModule(SplitPass, StreamedTrain, L.LightningDataModule):
                 per rank with ``split_dataset_by_node``, shuffled in a 10,000-row buffer, tokenised on the fly and
                 length-grouped within mega-batches (``core/streaming.py``); validation and test are read as usual.
                 Needs ``--data.dataset_name`` (local files are memory-mapped without it), ``--trainer.max_steps``
-                (the stream repeats, reshuffled, until then), a validation split of the dataset (none is held out),
-                ``num_workers 0`` and the label set from the Hub's ClassLabel or ``--data.label_names`` (label counts
-                stay unknown: no ``class_weights: balanced``). ``max_train_samples`` takes the stream's first rows.
-                A resumed run continues exactly: it skips the batches it trained on, reading them again. A bad record
-                is named by its row in the stream its rank reads (the dataset's row on one rank of a one-shard
-                dataset).
+                (the stream repeats, reshuffled, until then), a validation split of the dataset (none is held out)
+                and the label set from the Hub's ClassLabel or ``--data.label_names`` (label counts stay unknown: no
+                ``class_weights: balanced``). ``max_train_samples`` takes the stream's first rows. ``num_workers``
+                W: each worker reads, parses and tokenises a share of its own (whole shards when the dataset has a
+                multiple of ranks x W of them, else every (ranks x W)-th row, all reading the whole stream). A
+                resumed run continues exactly (with the same number of workers): it skips the batches it trained on,
+                reading them again. A bad record is named by its row in the share that reads it (the dataset's row
+                when shares take every n-th row).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -116,9 +118,6 @@ class TaskDataModule(SplitPass, StreamedTrain, L.LightningDataModule):
         if streaming and (not dataset_name or train_file):
             raise TaskheadError("--data.streaming streams a Hub dataset's train split: set --data.dataset_name and no "
                                 "--data.train_file (local files are memory-mapped without streaming)")
-        if streaming and num_workers:
-            raise TaskheadError(f"--data.streaming reads and tokenises in the training process: set --data.num_workers 0, "
-                                f"not {num_workers}")
         self._tokenizer = None
         self.datasets: dict[str, Any] = {}
         self._reported: set[str] = set()

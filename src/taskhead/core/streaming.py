@@ -6,9 +6,11 @@ allows, else every ``world``-th row), ``shuffle`` (shard order and a ``SHUFFLE_B
 mega-batches of ``batch_size * MEGA_BATCH_MULT`` examples tokenised at once by the task's ``encode``, sorted by length,
 cut into batches whose order is shuffled (``LengthGroupedBatchSampler``'s scheme, inside the buffer).
 
-The stream repeats, a new shuffle each pass, so training ends at ``--trainer.max_steps`` and every rank runs the same
-number of steps. Everything is seeded, so the batches are a pure function of (seed, rank, world): a resumed run skips
-the batches it had trained on (re-reading and re-tokenising them, not training on them) and continues exactly.
+With ``--data.num_workers`` W, each DataLoader worker of a rank reads a share of its own (``split_dataset_by_node`` over
+ranks x workers), so reading, parsing and tokenising run beside training. The stream repeats, a new shuffle each pass,
+so training ends at ``--trainer.max_steps`` and every rank runs the same number of steps. Everything is seeded, so the
+batches are a pure function of (seed, rank, world, workers): a resumed run skips the batches it had trained on
+(re-reading and re-tokenising them, not training on them) and continues exactly, given the same number of workers.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def length_grouped(examples: Iterable[dict], batch_size: int, mega_batch: int, r
 
 class StreamBatches(torch.utils.data.IterableDataset):
     """The training batches of one rank from a streamed split: lists of encoded examples for the task's ``collate``
-    (use with ``DataLoader(batch_size=None, num_workers=0)``: a worker would read the whole stream again). Endless:
-    pass after pass over the stream, each shuffled anew.
+    (use with ``DataLoader(batch_size=None)``; with ``num_workers`` W each worker reads, parses and tokenises a 1/W
+    share of the rank's stream). Endless: pass after pass over the stream, each shuffled anew.
 
     Args:
         stream: The split, a ``datasets.IterableDataset`` (rows as the Hub gives them).
@@ -61,13 +63,15 @@ class StreamBatches(torch.utils.data.IterableDataset):
         self.num_replicas, self.rank, self.skip = num_replicas, rank, skip
 
     def _examples(self, part, epoch: int) -> Iterator[dict]:
-        """One pass over ``part`` (this rank's share): parsed, checked and encoded, one mega-batch at a time."""
+        """One pass over ``part`` (this rank's, or this worker's, share): parsed, checked and encoded, one mega-batch at
+        a time. Read through ``iter``: iterating the dataset itself inside a DataLoader worker would shard it again,
+        by worker and by whole files only (datasets' own worker split: a one-file dataset would feed one worker)."""
         dm = self.encoder.dm
         single, sequences = class_label_columns(self.stream.features or {})
         part = part.shuffle(seed=self.seed, buffer_size=SHUFFLE_BUFFER)
         part.set_epoch(epoch)
         records = (dm.parse_record(hub_record(rec, single, sequences), f"{self.where} row {rec.pop('_row')}", "train")
-                   for rec in part)
+                   for batch in part.iter(batch_size=1_000) for rec in (dict(zip(batch, row)) for row in zip(*batch.values())))
         rows = dm.check_stream("train", records)
         chunk, seen = self.batch_size * MEGA_BATCH_MULT, 0
         while parsed := list(itertools.islice(rows, chunk)):
@@ -81,15 +85,23 @@ class StreamBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[list[dict]]:
         from datasets.distributed import split_dataset_by_node
 
-        # rows numbered before the split: the dataset's own row when ranks take every n-th row (few shards), else the
-        # row within this rank's shards
+        # DataLoader workers each read a stream of their own: W workers on R ranks read R * W streams. The DataLoader
+        # takes batches from its workers in turn (0, 1, ..., W-1, 0, ...), so batch k of a rank is batch k // W of its
+        # stream k % W; a resumed run that skips S batches starts again at worker 0, so worker w serves stream
+        # (S + w) % W from its batch (S + w) // W, and the run continues in the same order.
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        stream = (self.skip + worker) % workers
+        # rows numbered before the split: the dataset's own row when streams take every n-th row (few shards), else
+        # the row within this stream's shards
         rows = self.stream.map(lambda _, i: {"_row": i}, batched=True, with_indices=True)
-        part = split_dataset_by_node(rows, rank=self.rank, world_size=self.num_replicas)
+        part = split_dataset_by_node(rows, rank=self.rank * workers + stream, world_size=self.num_replicas * workers)
+        seed = [self.seed, self.rank] + ([stream] if workers > 1 else [])
         mega = self.batch_size * (MEGA_BATCH_MULT if self.group_by_length else 1)
         batches = (batch for epoch in itertools.count()
                    for batch in length_grouped(self._examples(part, epoch), self.batch_size, mega,
-                                               np.random.default_rng([self.seed, self.rank, epoch])))
-        return itertools.islice(batches, self.skip, None)
+                                               np.random.default_rng([*seed, epoch])))
+        return itertools.islice(batches, (self.skip + worker) // workers, None)
 
 
 class StreamedTrain:
@@ -119,4 +131,6 @@ class StreamedTrain:
         batches = StreamBatches(stream, f"{self.hparams.dataset_name}[{self.hparams.train_split}]", self,
                                 self.hparams.batch_size, self.hparams.seed, self.hparams.group_by_length,
                                 num_replicas=world, rank=rank, skip=resume_at[1] if resume_at else 0)
-        return DataLoader(batches, batch_size=None, collate_fn=self.collate, pin_memory=torch.cuda.is_available())
+        workers = self.hparams.num_workers
+        return DataLoader(batches, batch_size=None, collate_fn=self.collate, pin_memory=torch.cuda.is_available(),
+                          num_workers=workers, persistent_workers=workers > 0)
