@@ -143,6 +143,14 @@ def test_workers_read_shares_of_their_own_and_resume_exactly(tiny_bert, hub, tmp
         assert resumed == straight[done:], done
 
 
+def test_a_share_without_rows_is_an_error_not_an_endless_loop(tiny_bert, tmp_path):
+    one_row = hub_dir(tmp_path / "one-row", reviews(1, 3), reviews(2, 4))
+    dm = datamodule(tiny_bert, one_row, tmp_path)
+    dm.setup("fit")
+    with pytest.raises(TaskheadError, match=r"share 1 of 2 \(ranks x --data.num_workers\) has no rows"):
+        next(iter(StreamBatches(dm.datasets["train"], "one[train]", dm, 8, seed=42, num_replicas=2, rank=1)))
+
+
 def test_ddp_two_ranks_with_workers_stream_to_max_steps(tiny_bert, hub, tmp_path):
     """A real 2-process run (gloo) with 2 workers per rank: every rank trains max_steps batches and validates."""
     args = cli_args(tiny_bert, {}, tmp_path, "--data.dataset_name", hub, "--data.streaming", "true",

@@ -98,10 +98,19 @@ class StreamBatches(torch.utils.data.IterableDataset):
         part = split_dataset_by_node(rows, rank=self.rank * workers + stream, world_size=self.num_replicas * workers)
         seed = [self.seed, self.rank] + ([stream] if workers > 1 else [])
         mega = self.batch_size * (MEGA_BATCH_MULT if self.group_by_length else 1)
-        batches = (batch for epoch in itertools.count()
-                   for batch in length_grouped(self._examples(part, epoch), self.batch_size, mega,
-                                               np.random.default_rng([*seed, epoch])))
-        return itertools.islice(batches, (self.skip + worker) // workers, None)
+
+        def passes() -> Iterator[list[dict]]:
+            for epoch in itertools.count():
+                empty = True
+                for batch in length_grouped(self._examples(part, epoch), self.batch_size, mega,
+                                            np.random.default_rng([*seed, epoch])):
+                    empty = False
+                    yield batch
+                if empty:  # would loop forever on nothing
+                    raise TaskheadError(f"{self.where}: share {self.rank * workers + stream} of {self.num_replicas * workers} "
+                                        f"(ranks x --data.num_workers) has no rows: the stream has fewer rows than shares")
+
+        return itertools.islice(passes(), (self.skip + worker) // workers, None)
 
 
 class StreamedTrain:
