@@ -115,8 +115,10 @@ def test_one_tokeniser_pass_equals_truncated_plus_full(tiny_bert, tmp_path):
 def test_predict_inputs_keep_ids_and_fields(tiny_bert, tmp_path):
     rows = [{"id": "a", "text": "good film"}, {"text": "bad film"}, {"id": 7, "text": "fine"}]
     pred = write_jsonl(tmp_path / "p.jsonl", rows)
-    dm = dm_for(tiny_bert, tmp_path, predict_file=str(pred), label_names=["neg", "pos"])
+    # max_eval_samples bounds validation and test: predict still gives a prediction for every input
+    dm = dm_for(tiny_bert, tmp_path, predict_file=str(pred), label_names=["neg", "pos"], max_eval_samples=2)
     dm.setup("predict")
+    assert len(dm.datasets["predict"]) == 3
     expected = [{"id": "a", "text": "good film"}, {"id": 2, "text": "bad film"}, {"id": 7, "text": "fine"}]
     assert len(dm.predict_input_rows) == 3 and dm.predict_input_rows([0, 1, 2]) == expected
     assert dm.predict_input_rows([2, 0]) == [expected[2], expected[0]] and json.dumps(dm.predict_input_rows([1]))
@@ -152,3 +154,45 @@ def test_scratch_of_a_killed_process_is_removed(tiny_bert, tmp_path, monkeypatch
     assert dm.label_names == ["neg", "pos"]
     assert not stale.exists() and live.exists()
     assert dm.parsed["train"].cache_files[0]["filename"].startswith(str(tmp_path / "tmp" / f"taskhead-parsed-{host}-{os.getpid()}-"))
+
+
+def test_arrow_stream_widens_types_of_later_chunks(tmp_path, monkeypatch):
+    """Integers then floats become floats (not floats cut to integers); [] then names, a list of strings; a key a later
+    row lacks, null."""
+    from taskhead.core import arrow
+
+    monkeypatch.setattr(arrow, "CHUNK", 2)
+    rows = [{"a": 1, "l": []}, {"a": 2, "l": []}, {"a": 1.5, "l": ["x"]}, {"a": 3, "l": []}, {"l": ["y"]}]
+    ds = arrow.write_arrow(iter(rows), tmp_path / "t.arrow")
+    assert ds.to_list() == [{"a": 1.0, "l": []}, {"a": 2.0, "l": []}, {"a": 1.5, "l": ["x"]}, {"a": 3.0, "l": []},
+                            {"a": None, "l": ["y"]}]
+    assert [p.name for p in tmp_path.iterdir()] == ["t.arrow"]
+
+
+def test_a_rank_with_fewer_predict_batches_meets_the_others_gathers(tmp_path):
+    """Predictions are gathered batch by batch; a rank with fewer batches (QA: fewer windows) gathers nothing until the
+    rank with the most is done, so no rank waits in a collective the others never join, and none of its rows is lost.
+    Here rank 0 (this one) has 2 batches, rank 1 five, one row each (idx 10 to 14)."""
+    from types import SimpleNamespace
+
+    from taskhead.core.callbacks import RunArtifacts
+
+    rank1 = iter([[{"idx": i, "label": f"l{i}"}] for i in range(10, 15)])
+
+    class Module:
+        calls: list = []
+
+        def gather(self, items):
+            self.calls.append(items)
+            return [2, 5] if len(self.calls) == 1 else list(items) + next(rank1)
+
+    trainer = SimpleNamespace(is_global_zero=True, num_predict_batches=[2], logger=None, default_root_dir=str(tmp_path),
+                              datamodule=SimpleNamespace(predict_input_rows=None))
+    module, writer = Module(), RunArtifacts()
+    writer.on_predict_epoch_start(trainer, module)
+    for i in (1, 0):
+        writer.write_on_batch_end(trainer, module, [{"idx": i, "label": f"l{i}"}], None, None, 0, 0)
+    writer.on_predict_epoch_end(trainer, module)
+    assert module.calls[0] == [2] and module.calls[3:] == [[], [], []]  # three empty gathers meet rank 1's last three
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"label": f"l{i}"} for i in (0, 1, 10, 11, 12, 13, 14)]  # input order

@@ -112,6 +112,7 @@ def test_json_list_is_not_held_whole(tmp_path, monkeypatch):
         ("", r"d.json:1: malformed JSON \(Expecting value\)"),
         ('[{"text": "a"}, "b"]', r"d.json: item 1: expected a JSON object, got str"),
         ('{"text": "a"}\n{"text": "b",}\n', r"d.json:2: malformed JSON"),  # JSON Lines: the JSONL reader's message
+        ('{"a": 1,}', r"d.json:1: malformed JSON \(Expecting property name"),  # a trailing comma, as json.load
     ],
 )
 def test_json_errors_name_the_line(tmp_path, monkeypatch, content, message):
@@ -120,3 +121,11 @@ def test_json_errors_name_the_line(tmp_path, monkeypatch, content, message):
     p.write_text(content)
     with pytest.raises(TaskheadError, match=message):
         list(read_records(p))
+
+
+def test_a_number_cut_at_the_end_of_a_read_is_read_whole(tmp_path, monkeypatch):
+    p = tmp_path / "d.json"
+    p.write_text('{"data": [{"text": "a", "n": 1}], "version": 1.25e3, "other": -0.5}')
+    for size in range(1, 70):  # every place a read can end, "1." and "1.25e" among them
+        monkeypatch.setattr("taskhead.core.readers.JsonScanner.READ", size)
+        assert [r for _, r in read_records(p)] == [{"text": "a", "n": 1}], size

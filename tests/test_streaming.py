@@ -204,6 +204,20 @@ def test_a_bad_record_names_its_row(tiny_bert, tmp_path):
         next(iter(dm.train_dataloader()))
 
 
+def test_a_bad_record_read_by_a_worker_is_one_line(tiny_bert, tmp_path, capsys):
+    """torch re-raises a worker's error with the worker's traceback in its message: the CLI still prints one line."""
+    rows = reviews(20, 3)
+    rows[13] = {"text": "", "label": "pos"}
+    bad = hub_dir(tmp_path / "bad", rows, reviews(4, 4))
+    args = cli_args(tiny_bert, {}, tmp_path, "--data.dataset_name", bad, "--data.streaming", "true",
+                    "--data.label_names", "[neg, pos]", "--trainer.max_steps", "4", "--data.batch_size", "4",
+                    "--data.num_workers", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *args])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("taskhead")]
+    assert e.value.code == 2 and len(err) == 1 and "bad[train] row 13: field 'text' is empty" in err[0], err
+
+
 def one_line(excinfo) -> str:
     message = str(excinfo.value)
     assert "\n" not in message

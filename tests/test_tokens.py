@@ -14,7 +14,7 @@ PAIRS = ["the second text", "x", "loved it " * 40, "a pair", "word " * 5, "b", "
 
 def reference(tok, texts, pairs, max_length) -> dict[str, list]:
     ref = tok(texts, pairs, truncation=True, max_length=max_length, return_attention_mask=False,
-              return_token_type_ids=pairs is not None)
+              return_token_type_ids=None if pairs is not None else False)  # a pair's type ids where the model takes them
     full = tok(texts, pairs, truncation=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
     out = dict(ref)
     out["length"] = [len(x) for x in ref["input_ids"]]
@@ -48,7 +48,7 @@ def test_a_truncation_left_on_the_backend_does_not_cap_full_lengths(tiny_bert):
 def test_a_tokenizer_without_a_rust_backend_takes_the_transformers_call(tiny_bert):
     class NoBackend:  # what a Python-only tokenizer offers: the call
         def __init__(self, tok):
-            self.tok = tok
+            self.tok, self.model_input_names = tok, tok.model_input_names
 
         def __call__(self, *args, **kwargs):
             return self.tok(*args, **kwargs)

@@ -32,6 +32,10 @@ def user_error(e: BaseException | None, argv: list[str] = ()) -> TaskheadError |
     seen, first = set(), e
     while e is not None and id(e) not in seen:
         if isinstance(e, TaskheadError):
+            # raised in a DataLoader worker, torch re-raises it with the worker's traceback: keep the message
+            text = str(e)
+            if text.startswith("Caught TaskheadError in DataLoader worker") and "TaskheadError: " in text:
+                return TaskheadError(text.rsplit("TaskheadError: ", 1)[1].strip())
             return e
         if is_out_of_memory(e):  # the DataModule's on_exception noted the batch options that set activation memory
             notes = " ".join(getattr(e, "__notes__", []))

@@ -51,7 +51,7 @@ class ArrowStream:
     may need wider types: a field that was null or ``[]`` in every row so far (a multi-label column whose first 10k
     rows have no label reads as ``list<null>``), or integers that turn out to be floats. Then the rows written so far
     are rewritten once with the wider schema (``pyarrow.unify_schemas``, permissive promotion); types that do not
-    unify (a string where numbers were) raise pyarrow's error, as before."""
+    unify (a string where numbers were) raise pyarrow's error."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.schema, self._sink, self._writer = path, None, None, None
@@ -59,16 +59,15 @@ class ArrowStream:
     def write(self, rows: list[dict]) -> None:
         import pyarrow as pa
 
+        table = pa.Table.from_pylist(rows)  # inferred (given the schema so far, pyarrow would cut 1.5 to 1)
         if self.schema is None:
-            table = pa.Table.from_pylist(rows)
             self._open(table.schema)
-        else:
-            try:
-                table = pa.Table.from_pylist(rows, schema=self.schema)  # missing keys become nulls
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                wider = pa.unify_schemas([self.schema, pa.Table.from_pylist(rows).schema], promote_options="permissive")
+        elif table.schema != self.schema:
+            wider = pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
+            if wider != self.schema:
                 self._widen(wider)
-                table = pa.Table.from_pylist(rows, schema=wider)
+            table = pa.table({f.name: table[f.name].cast(f.type) if f.name in table.column_names
+                              else pa.nulls(len(table), f.type) for f in wider}, schema=wider)  # a key missing: nulls
         self._writer.write_table(table)
 
     def _open(self, schema) -> None:
@@ -84,11 +83,13 @@ class ArrowStream:
         self.close()
         narrow = self.path.with_suffix(".narrow.arrow")
         os.replace(self.path, narrow)
-        self._open(schema)
-        with pa.memory_map(str(narrow)) as source:
-            for batch in pa.ipc.open_stream(source):
-                self._writer.write_table(pa.Table.from_batches([batch]).cast(schema))
-        narrow.unlink()
+        try:
+            self._open(schema)
+            with pa.memory_map(str(narrow)) as source:
+                for batch in pa.ipc.open_stream(source):
+                    self._writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+        finally:
+            narrow.unlink()
 
     def close(self) -> None:
         if self._writer is not None:

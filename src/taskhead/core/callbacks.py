@@ -273,6 +273,9 @@ class RunArtifacts(BasePredictionWriter):
         return Path(self.predictions_file) if self.predictions_file else run_dir(trainer) / "predictions.jsonl"
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Rows are gathered batch by batch, a collective each: ranks with fewer batches (a QA rank whose questions have
+        # fewer windows) gather nothing until every rank has had as many batches as the one with the most.
+        self._batches, self._most = 0, max(pl_module.gather([int(sum(trainer.num_predict_batches))]))
         if trainer.is_global_zero:
             path = self._path(trainer)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,9 +284,11 @@ class RunArtifacts(BasePredictionWriter):
             self._idx, self._offsets = array("q"), array("q")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
-        # a collective per batch: every rank runs as many predict batches (the eval samplers make their counts equal)
-        rows = pl_module.gather(list(prediction))
-        if self._part is None:
+        self._batches += 1
+        self._write(pl_module.gather(list(prediction)))
+
+    def _write(self, rows: list[dict]) -> None:
+        if self._part is None:  # not rank 0
             return
         for row in rows:
             self._idx.append(row["idx"])
@@ -291,6 +296,8 @@ class RunArtifacts(BasePredictionWriter):
             self._part.write(json.dumps({k: v for k, v in row.items() if k != "idx"}).encode() + b"\n")
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for _ in range(self._most - self._batches):  # this rank had fewer batches: meet the others' gathers
+            self._write(pl_module.gather([]))
         if self._part is None:
             return
         import numpy as np

@@ -18,6 +18,7 @@ from pathlib import Path
 from taskhead.errors import TaskheadError
 
 NOT_SPACE = re.compile(r"[^ \t\r\n]")  # JSON's white space is these four
+NUMBER_TAIL = re.compile(r"[0-9.eE+-]*")  # what may follow a number cut at the end of a read
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 
 
@@ -146,20 +147,21 @@ def json_items(f, path: Path) -> Iterator[tuple[int, object]]:
     elif first == "{":
         scan.take("{")
         found = False  # the "data" list, streamed
-        while scan.peek() != "}":
-            key = scan.value()
-            if not isinstance(key, str):
-                scan.fail("Expecting property name enclosed in double quotes")
-            scan.take(":")
-            if key == "data" and scan.peek() == "[" and not found:
-                found = True
-                yield from scan.array()
-            else:
-                scan.value()
-            if scan.take(",}") == "}":
-                break
-        else:
+        if scan.peek() == "}":
             scan.take("}")
+        else:
+            while True:
+                if scan.peek() != '"':
+                    scan.fail("Expecting property name enclosed in double quotes")
+                key = scan.value()
+                scan.take(":")
+                if key == "data" and scan.peek() == "[" and not found:
+                    found = True
+                    yield from scan.array()
+                else:
+                    scan.value()
+                if scan.take(",}") == "}":
+                    break
         if scan.peek():  # more after the first object: JSON Lines (or, after a "data" list, a syntax error)
             if not found:
                 raise JsonLines
@@ -223,7 +225,7 @@ class JsonScanner:
                 if self._more():
                     continue
                 self.fail(e.msg, e.pos)
-            if end == len(self.buf) and self._more():  # a number may go on in the next read
+            if NUMBER_TAIL.fullmatch(self.buf, end) and self._more():  # "1." or "1.25e" may go on in the next read
                 continue
             self.pos = end
             return obj

@@ -175,7 +175,8 @@ class SplitPass:
                 self._held_out = hold_out_indices(len(ds), numpy_column(ds, col) if col else None,
                                                   self.hparams.val_split, self.hparams.seed)
             ds = ds.select(self._held_out[0 if split == "train" else 1])
-        limit = self.hparams.max_train_samples if split == "train" else self.hparams.max_eval_samples
+        # predict reads every row: a prediction per input (max_eval_samples bounds validation and test only)
+        limit = {"train": self.hparams.max_train_samples, "predict": None}.get(split, self.hparams.max_eval_samples)
         if limit is not None and limit < len(ds):
             ds = ds.select(np.sort(np.random.default_rng(self.hparams.seed).permutation(len(ds))[:limit]))
         return ds

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 
 def encode_ids(tokenizer, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None) -> dict[str, list]:
-    """``input_ids`` (cut at ``max_length``), a pair's ``token_type_ids``, ``length`` and ``full_length`` (tokens
-    before the cut) per text, with the tokenizer's special tokens; the same ids as ``tokenizer(texts, pairs,
-    truncation=True, max_length=max_length)``. A tokenizer without a Rust backend goes through that call."""
+    """``input_ids`` (cut at ``max_length``), a pair's ``token_type_ids`` (for models that take them), ``length`` and
+    ``full_length`` (tokens before the cut) per text, with the tokenizer's special tokens; the same ids as
+    ``tokenizer(texts, pairs, truncation=True, max_length=max_length)``. A tokenizer without a Rust backend goes
+    through that call."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    wanted = {"return_attention_mask": False, "return_token_type_ids": pairs is not None, "verbose": False}
+    types = pairs is not None and "token_type_ids" in tokenizer.model_input_names  # as the transformers call decides
+    wanted = {"return_attention_mask": False, "return_token_type_ids": types, "verbose": False}
     if backend is None:
         enc = dict(tokenizer(texts, pairs, truncation=False, **wanted))
     else:
@@ -31,7 +33,7 @@ def encode_ids(tokenizer, texts: list[str], pairs: list[str] | None = None, max_
             backend.encode_special_tokens = split
         encodings = backend.encode_batch_fast(list(zip(texts, pairs)) if pairs is not None else texts, add_special_tokens=True)
         enc = {"input_ids": [e.ids for e in encodings]}
-        if pairs is not None:
+        if types:
             enc["token_type_ids"] = [e.type_ids for e in encodings]
     full = [len(ids) for ids in enc["input_ids"]]
     long = [i for i, n in enumerate(full) if max_length is not None and n > max_length]
