@@ -103,6 +103,7 @@ def run_predict(rows: Path, runs: Path, cache: Path, src: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(ROOT)]), "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "taskhead.cli", "predict", "--ckpt_path", str(ckpt), "--data.predict_file", str(rows),
             "--data.cache_dir", str(cache), "--trainer.precision", "32-true", "--data.eval_batch_size", "256",
+            "--data.max_eval_samples", "null",  # the fit's 2000 cut the predict split too before 28c4c22
             "--trainer.enable_progress_bar", "false"]
     m = measure(args, env, runs / f"predict-{time.time_ns()}.log")
     out = next(ckpt.parent.parent.glob("predictions.jsonl"))
