@@ -215,6 +215,25 @@ def test_signal_writes_last_checkpoint_and_exits_nonzero(tiny_bert, review_files
     assert last["global_step"] >= 1 and "optimizer_states" in last
 
 
+def test_sigterm_stops_predict_at_a_batch_end_writing_nothing(tiny_bert, review_files, tmp_path):
+    """Lightning's SIGTERM handler only notes the signal, and only its training loop looks: predict went on to the end."""
+    proc = run_taskhead(*small_fit_args(tiny_bert, review_files, tmp_path, "--trainer.max_steps", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = next(tmp_path.rglob("last.ckpt"))
+    many = write_jsonl(tmp_path / "many.jsonl", [{"text": r["text"]} for r in make_reviews(20_000, 5)])
+    args = ["predict", "--ckpt_path", str(last), "--data.predict_file", str(many), "--data.eval_batch_size", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "taskhead.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    for line in proc.stdout:  # "[predict] 10000 batches ...": the predict loop has started
+        if line.startswith("[predict]"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "taskhead: stopped by SIGTERM during predict; nothing written" in err, err[-2000:]
+    run = last.parent.parent
+    assert not (run / "predictions.jsonl").exists() and not list(run.glob(".partial-*"))
+
+
 def test_abbreviated_options_are_refused(capsys):
     from taskhead.cli import main
 

@@ -120,10 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as e:
         if type(e).__name__ != "SIGTERMException":
             raise
-        name = getattr(e, "signal_name", "SIGTERM")
+        name, stage = getattr(e, "signal_name", "SIGTERM"), getattr(e, "stage", "fit")
         last = getattr(e, "last_checkpoint", None)
         saved = f"last.ckpt written: {last}; resume with --ckpt_path last" if last else "no last.ckpt (checkpointing is off)"
-        print(f"taskhead: stopped by {name} at step {getattr(e, 'global_step', '?')}; {saved}", file=sys.stderr)
+        if stage == "fit":
+            print(f"taskhead: stopped by {name} at step {getattr(e, 'global_step', '?')}; {saved}", file=sys.stderr)
+        else:
+            print(f"taskhead: stopped by {name} during {stage}; nothing written", file=sys.stderr)
         sys.exit(130 if name == "SIGINT" else 143)
     except Exception as e:
         cause = user_error(e, argv)

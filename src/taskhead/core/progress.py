@@ -138,7 +138,11 @@ def best_line(trainer: L.Trainer) -> str:
 
 class GracefulStop(Callback):
     """SIGINT (Ctrl+C) during ``fit`` stops like SIGTERM: at the end of the current batch, through Lightning's own
-    SIGTERM path, so ``LastCheckpoint`` writes a consistent ``last.ckpt``. A second Ctrl+C interrupts at once."""
+    SIGTERM path, so ``LastCheckpoint`` writes a consistent ``last.ckpt``. A second Ctrl+C interrupts at once.
+
+    ``validate``, ``test`` and ``predict`` stop on SIGTERM too, at the end of the current batch, writing nothing:
+    Lightning's handler only notes the signal, and only its training loop looks (a cluster's SIGTERM before the kill
+    would otherwise go unheard until the whole split was done)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -170,7 +174,23 @@ class GracefulStop(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self._restore()
 
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        if trainer.state.fn != "fit" and trainer._signal_connector.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_test_batch_end(self, trainer, *args, **kwargs) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_predict_batch_end(self, trainer, *args, **kwargs) -> None:
+        self._stop_if_signalled(trainer)
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore()
         if type(exception).__name__ == "SIGTERMException":
             exception.signal_name = self.signal_name or "SIGTERM"  # read by taskhead's main() for the exit status
+            exception.stage = trainer.state.fn.value
