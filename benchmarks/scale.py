@@ -76,14 +76,17 @@ def measure(args: list[str], env: dict, log: Path) -> dict:
     start, kids_before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w") as out:
         proc = psutil.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        peak_main = peak_tree = 0
+        peak_main = peak_tree = peak_anon = 0
         while proc.poll() is None:
             try:
-                main = proc.memory_info().rss
-                tree = main + sum(c.memory_info().rss for c in proc.children(recursive=True))
+                info = proc.memory_info()
+                tree = info.rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
             except psutil.Error:
                 continue
-            peak_main, peak_tree = max(peak_main, main), max(peak_tree, tree)
+            # anonymous memory: RSS less the file-backed pages (``shared``: memory-mapped Arrow files read through the
+            # page cache, which the kernel reads ahead around each page touched and may drop at any time)
+            peak_main, peak_tree = max(peak_main, info.rss), max(peak_tree, tree)
+            peak_anon = max(peak_anon, info.rss - info.shared)
             time.sleep(0.2)
     wall = time.time() - start
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -94,7 +97,7 @@ def measure(args: list[str], env: dict, log: Path) -> dict:
             "cpu_s": round(kids.ru_utime + kids.ru_stime - kids_before.ru_utime - kids_before.ru_stime, 1),
             # ru_maxrss: the kernel's own peak of the largest process so far, no polling gap (when this one set it)
             "peak_rss_mb": round(max(peak_main / 2**20, kids.ru_maxrss / 1024 if kids.ru_maxrss > kids_before.ru_maxrss else 0)),
-            "peak_rss_tree_mb": round(peak_tree / 2**20)}
+            "peak_rss_tree_mb": round(peak_tree / 2**20), "peak_anon_mb": round(peak_anon / 2**20)}
 
 
 def run_predict(rows: Path, runs: Path, cache: Path, src: str) -> dict:
@@ -129,7 +132,7 @@ def run_fit(train: Path, cache: Path, runs: Path, src: str) -> dict:
     first.unlink(missing_ok=True)
     return {"wall_s": m["wall_s"], "first_step_s": round(mark["time"] - start, 1) if mark else None,
             "first_step_cpu_s": round(mark["cpu_s"], 1) if mark else None, "cpu_s": m["cpu_s"],
-            "peak_rss_mb": m["peak_rss_mb"], "peak_rss_tree_mb": m["peak_rss_tree_mb"],
+            "peak_rss_mb": m["peak_rss_mb"], "peak_rss_tree_mb": m["peak_rss_tree_mb"], "peak_anon_mb": m["peak_anon_mb"],
             "tokenise_rows_per_s": int(rate.group(3).replace(",", "")) if rate else None,
             "tokenise_procs": int(rate.group(4)) if rate else None}
 
@@ -153,8 +156,8 @@ def write_md(results: dict) -> None:
              "Times: wall clock (the 2 cores are shared with other jobs, so wall times are noisy) and, in brackets, CPU "
              "seconds of the fit and its tokeniser workers up to the first step (what the work costs, contention aside).", "",
              "| code | rows | cold: first step | warm: first step | warm speed-up (wall / CPU) | cold: whole fit | "
-             "peak RSS cold / warm | tree RSS cold | tokenised rows/s (cold) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak RSS cold / warm | of it anonymous, cold / warm | tree RSS cold | tokenised rows/s (cold) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(results["runs"], key=lambda k: (k.split("@")[0], int(k.split("@")[1]))):
         label, n = key.split("@")
         r = results["runs"][key]
@@ -169,7 +172,8 @@ def write_md(results: dict) -> None:
                 speed += f" / {cold['first_step_cpu_s'] / warm['first_step_cpu_s']:.1f}×"
         rate = f"{cold['tokenise_rows_per_s']:,} ({cold['tokenise_procs']} proc)" if cold.get("tokenise_rows_per_s") else "—"
         lines.append(f"| {label} | {int(n):,} | {first(cold)} | {first(warm)} | {speed} | {cold.get('wall_s', '—')} s | "
-                     f"{cold.get('peak_rss_mb', '—')} / {warm.get('peak_rss_mb', '—')} MB | {cold.get('peak_rss_tree_mb', '—')} MB | {rate} |")
+                     f"{cold.get('peak_rss_mb', '—')} / {warm.get('peak_rss_mb', '—')} MB | "
+                     f"{cold.get('peak_anon_mb', '—')} / {warm.get('peak_anon_mb', '—')} MB | {cold.get('peak_rss_tree_mb', '—')} MB | {rate} |")
     predicted = [(k, r["predict"]) for k, r in sorted(results["runs"].items()) if "predict" in r]
     if predicted:
         lines += ["", "`predict` on the same rows with the fit's last.ckpt (`--data.eval_batch_size 256`, fp32): "
@@ -179,7 +183,10 @@ def write_md(results: dict) -> None:
                   f"{p['peak_rss_mb']} MB |" for k, p in predicted]
     lines += ["", "Notes:",
               "- Peak RSS is the fit process (kernel ru_maxrss or 0.2 s polling, the larger); tree RSS adds the forked "
-              "tokeniser workers, whose copy-on-write pages shared with the parent are counted twice.",
+              "tokeniser workers, whose copy-on-write pages shared with the parent are counted twice. Anonymous: RSS "
+              "less file-backed pages (0.2 s polling): the memory-mapped Arrow files count in RSS as far as they are "
+              "read (the kernel reads ahead around each page a column read touches), but they are page cache, which "
+              "the kernel drops under pressure.",
               "- Tokenised rows/s: the train split's `[data] train: tokenised ...` line (wall clock). From 100k rows up "
               "one process per ~50k rows, up to the cores; within each, the Rust tokenizer runs on its own threads "
               "unless TOKENIZERS_PARALLELISM=false.",
