@@ -275,7 +275,8 @@ class RunArtifacts(BasePredictionWriter):
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Rows are gathered batch by batch, a collective each: ranks with fewer batches (a QA rank whose questions have
         # fewer windows) gather nothing until every rank has had as many batches as the one with the most.
-        self._batches, self._most = 0, max(pl_module.gather([int(sum(trainer.num_predict_batches))]))
+        total = sum(trainer.num_predict_batches)  # inf for a loader without a length: nothing to pad to
+        self._batches, self._most = 0, max(pl_module.gather([int(total) if total != float("inf") else 0]))
         if trainer.is_global_zero:
             path = self._path(trainer)
             path.parent.mkdir(parents=True, exist_ok=True)
